@@ -1,0 +1,45 @@
+"""Reward Forcing's EMA sink (spec §c.4): un-roped key cache, window-relative RoPE, sink ← EMA of
+evicted frames. Positions never exceed the window, so streams are unbounded in length."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..models.attention import TokenGrid
+from ..models.rope import Rope3D
+from .kv import KVCache
+from .window import WindowPlan, WindowSinkPolicy
+
+
+class EmaSinkPolicy(WindowSinkPolicy):
+    """Window of `capacity_frames` whose first `sink_frames` slots hold an EMA of evicted frames."""
+
+    name = "ema_sink"
+    slot_relative = True
+
+    def __init__(self, capacity_frames: int, sink_frames: int, alpha: float = 0.999, global_sink: bool = True) -> None:
+        super().__init__(capacity_frames, sink_frames, global_sink=global_sink)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "alpha": self.alpha}
+
+    def evict_(self, cache: KVCache, layer: int, plan: WindowPlan, rope: Rope3D) -> None:
+        """Blend the evicted frames into the sink slot by slot (same count), then move the rest down."""
+        sink = self.sink_frames
+        if plan.evict != sink:
+            raise ValueError(f"ema_sink needs evictions of exactly sink_frames={sink} frames (chunk size), got {plan.evict}")
+        for buf in (cache.k[layer], cache.v[layer]):
+            evicted = buf[:, cache.tokens(sink, 2 * sink)]
+            buf[:, cache.tokens(0, sink)] = self.alpha * buf[:, cache.tokens(0, sink)] + (1 - self.alpha) * evicted
+        super().evict_(cache, layer, plan, rope)
+
+    def store_keys(self, k: Tensor, plan: WindowPlan, grid: TokenGrid, rope: Rope3D) -> Tensor:
+        return k  # roped at attention time, by slot
+
+    def position(self, q: Tensor, keys: Tensor, plan: WindowPlan, grid: TokenGrid, rope: Rope3D) -> tuple[Tensor, Tensor]:
+        q = rope.apply(q, range(plan.end - plan.call.num_frames, plan.end), grid.height, grid.width)
+        return q, rope.apply(keys, range(plan.end), grid.height, grid.width)

@@ -1,0 +1,158 @@
+"""The Wan2.1 chunk-causal DiT (spec §a.2), read in one sitting.
+
+Key names equal the released checkpoints' (spec §a.4). Self-attention is delegated to a
+`SelfAttentionContext` (cache policy or full-sequence mask); cross-attention K/V are computed once
+per prompt (`cross_kv`) and reused for every call until the prompt changes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .attention import SelfAttentionContext, TokenGrid, attention
+from .config import DiTConfig
+from .rope import Rope3D
+
+CrossKV = list[tuple[Tensor, Tensor]]  # per block: K (after RMSNorm), V, each [B, text_len, heads, head_dim]
+
+
+def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
+    """[cos, sin] features of float timesteps, ω_k = 10000^(-k/half), computed in float64."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    angles = torch.outer(pos, torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / half))
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over all channels (all heads jointly), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (as original Wan2.1) and cast back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with q/k RMSNorm; shared by self- and cross-attention."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def split(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim))
+
+    def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split(self.norm_k(self.k(x))), self.split(self.v(x))
+
+
+class Block(nn.Module):
+    """Modulated self-attention, ungated cross-attention with affine norm3, modulated FFN."""
+
+    def __init__(self, cfg: DiTConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.norm1 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.norm2 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.norm3 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.self_attn = Attention(cfg)
+        self.cross_attn = Attention(cfg)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e0: Tensor, grid: TokenGrid, cross: tuple[Tensor, Tensor], attn: SelfAttentionContext) -> Tensor:
+        f = grid.frames
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+
+        def per_frame(y: Tensor) -> Tensor:  # [B, L, dim] -> [B, F, S, dim]
+            return y.unflatten(1, (f, -1))
+
+        h = (per_frame(self.norm1(x)) * (1 + scale_a) + shift_a).flatten(1, 2)
+        sa = self.self_attn
+        q = sa.split(sa.norm_q(sa.q(h)))
+        k, v = sa.kv(h)
+        y = sa.o(attn(self.index, q, k, v, grid).flatten(2))
+        x = x + (per_frame(y) * gate_a).flatten(1, 2)
+
+        ca = self.cross_attn
+        q = ca.split(ca.norm_q(ca.q(self.norm3(x))))
+        x = x + ca.o(attention(q, *cross).flatten(2))
+
+        h = (per_frame(self.norm2(x)) * (1 + scale_f) + shift_f).flatten(1, 2)
+        return x + (per_frame(self.ffn(h)) * gate_f).flatten(1, 2)
+
+
+class Head(nn.Module):
+    """Output head modulated by the time embedding e (not e0), then Linear to patch values."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor, frames: int) -> Tensor:
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
+        return self.head(self.norm(x).unflatten(1, (frames, -1)) * (1 + scale) + shift)
+
+
+class WanDiT(nn.Module):
+    """Chunk-causal Wan2.1 DiT: [B, C, F, H, W] latents + per-frame timesteps [B, F] -> flow."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.rope = Rope3D(cfg.head_dim, cfg.rope_theta, cfg.rope_max_frames)
+
+    def token_grid(self, x: Tensor) -> TokenGrid:
+        _, _, f, h, w = x.shape
+        _, ph, pw = self.cfg.patch_size
+        return TokenGrid(f, h // ph, w // pw)
+
+    def cross_kv(self, context: Tensor) -> CrossKV:
+        """Per-block cross-attention K/V of a text context [B, text_len, text_dim]; cache per prompt."""
+        emb = self.text_embedding(context)
+        return [block.cross_attn.kv(emb) for block in self.blocks]
+
+    def forward(self, x: Tensor, t: Tensor, cross: CrossKV, attn: SelfAttentionContext) -> Tensor:
+        grid = self.token_grid(x)
+        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)
+        e = self.time_embedding(timestep_sinusoid(t.flatten(), self.cfg.freq_dim).type_as(tokens))
+        e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim)).unflatten(0, t.shape)
+        for block in self.blocks:
+            tokens = block(tokens, e0, grid, cross[block.index], attn)
+        out = self.head(tokens, e.unflatten(0, t.shape), grid.frames)
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, out: Tensor, grid: TokenGrid) -> Tensor:
+        """[B, F, S, pt·ph·pw·C] (channels fastest) -> [B, C, F·pt, H, W]."""
+        pt, ph, pw = self.cfg.patch_size
+        b = out.shape[0]
+        u = out.reshape(b, grid.frames, grid.height, grid.width, pt, ph, pw, self.cfg.out_dim)
+        u = torch.einsum("bfhwpqrc->bcfphqwr", u)
+        return u.reshape(b, self.cfg.out_dim, grid.frames * pt, grid.height * ph, grid.width * pw)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Checkpoint keys and shapes this configuration loads (825 keys for Wan2.1-1.3B)."""
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}

@@ -1,0 +1,48 @@
+"""One DiT call against a cache: layouts, the cache policy's attention context, batching of
+independent calls (timestep slots, streams) into a single forward."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..cache.kv import CallSpec, KVCache
+from ..cache.policy import CachePolicy
+from ..models.attention import BatchedAttention
+from ..models.dit import CrossKV, WanDiT
+
+
+@dataclass
+class DiTCall:
+    """Inputs of one call in the pipeline layout: x [B, F, C, H, W], t [B, F]."""
+
+    x: Tensor
+    t: Tensor
+    cross: CrossKV
+    cache: KVCache
+    call: CallSpec
+
+
+class Denoiser:
+    """Binds a model to a cache policy; returns the raw flow prediction [B, F, C, H, W]."""
+
+    def __init__(self, model: WanDiT, policy: CachePolicy) -> None:
+        self.model = model
+        self.policy = policy
+        self.calls = 0
+
+    @torch.no_grad()
+    def __call__(self, calls: list[DiTCall]) -> list[Tensor]:
+        """Run calls with equal frame counts as one forward; each keeps its own cache and position."""
+        contexts = [self.policy.begin(c.cache, c.call, self.model.rope) for c in calls]
+        sizes = [c.x.shape[0] for c in calls]
+        x = torch.cat([c.x for c in calls]).transpose(1, 2)
+        t = torch.cat([c.t for c in calls])
+        cross = [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in zip(*(c.cross for c in calls))]
+        attn = contexts[0] if len(calls) == 1 else BatchedAttention(contexts, sizes)
+        self.calls += 1
+        return list(self.model(x, t, cross, attn).transpose(1, 2).split(sizes))
+
+    def one(self, x: Tensor, t: Tensor, cross: CrossKV, cache: KVCache, call: CallSpec) -> Tensor:
+        return self([DiTCall(x, t, cross, cache, call)])[0]
