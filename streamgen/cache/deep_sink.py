@@ -15,6 +15,10 @@ class DeepSinkPolicy(WindowSinkPolicy):
 
     name = "deep_sink"
 
+    def __init__(self, capacity_frames: int = 21, sink_frames: int = 14, global_sink: bool = True,
+                 rope_overflow: str = "error") -> None:
+        super().__init__(capacity_frames, sink_frames, global_sink, rope_overflow)
+
     def begin(self, cache: KVCache, call: CallSpec, rope: Rope3D) -> WindowCall:
         ctx = super().begin(cache, call, rope)
         if ctx.plan.evict:

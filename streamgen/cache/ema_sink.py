@@ -18,7 +18,7 @@ class EmaSinkPolicy(WindowSinkPolicy):
     name = "ema_sink"
     slot_relative = True
 
-    def __init__(self, capacity_frames: int, sink_frames: int, alpha: float = 0.999, global_sink: bool = True) -> None:
+    def __init__(self, capacity_frames: int = 9, sink_frames: int = 3, alpha: float = 0.999, global_sink: bool = True) -> None:
         super().__init__(capacity_frames, sink_frames, global_sink=global_sink)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")

@@ -63,7 +63,7 @@ class WindowSinkPolicy(CachePolicy):
     evicts = True
     slot_relative = False
 
-    def __init__(self, capacity_frames: int, sink_frames: int = 0, global_sink: bool = True,
+    def __init__(self, capacity_frames: int = 12, sink_frames: int = 3, global_sink: bool = True,
                  rope_overflow: str = "error") -> None:
         super().__init__(capacity_frames)
         if not 0 <= sink_frames < capacity_frames:

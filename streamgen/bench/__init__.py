@@ -1,0 +1,1 @@
+"""Benchmarks that print and save JSON figures (`streamgen bench …`)."""

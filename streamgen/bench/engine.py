@@ -1,0 +1,91 @@
+"""`streamgen bench engine`: per-chunk latency, frames/s, time per DiT call, KV bytes and flatness
+(cost of chunks 1000–1010 over chunks 10–20) of one stream on a random-weight model."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..engine.stream import Stream, StreamConfig
+from ..models.config import DiTConfig
+from ..models.dit import WanDiT
+from ..models.random_text import RandomTextEncoder
+
+FLAT_EARLY = (10, 20)
+FLAT_LATE = (1000, 1010)
+
+
+@dataclass
+class EngineBench:
+    """What to run; defaults are a small CPU config and a bounded-memory window policy."""
+
+    model: DiTConfig = field(default_factory=lambda: DiTConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=32, text_len=16))
+    stream: StreamConfig = field(default_factory=lambda: StreamConfig(8, 8, policy="ema_sink",
+                                                                      policy_settings={"capacity_frames": 9, "sink_frames": 3}))
+    chunks: int = FLAT_LATE[1] + 1
+    threads: int | None = None
+    seed: int = 0
+
+
+def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    torch.manual_seed(bench.seed)
+    model = WanDiT(bench.model).eval()
+    stream = Stream(model, RandomTextEncoder(bench.model.text_len, bench.model.text_dim), bench.stream, "a benchmark prompt")
+    times: list[float] = []
+    calls: list[int] = []
+    t0 = time.perf_counter()
+    first_chunk_s = None
+    for _ in tqdm(range(bench.chunks), desc="bench engine", unit="chunk", disable=not progress):
+        before, start = stream.dit_calls, time.perf_counter()
+        chunk = stream.next_chunk()
+        times.append(time.perf_counter() - start)
+        calls.append(stream.dit_calls - before)
+        first_chunk_s = first_chunk_s if first_chunk_s is not None else time.perf_counter() - t0
+    frames = chunk.latents.shape[1]
+    steady = times[min(FLAT_EARLY[0], len(times) - 1):]
+    result: dict[str, Any] = {
+        "benchmark": "engine",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "device": "cpu"},
+        "model": bench.model.to_dict(),
+        "stream": {k: (str(v) if k in ("dtype", "transition") else v) for k, v in bench.stream.__dict__.items()},
+        "chunks": bench.chunks,
+        "first_chunk_s": first_chunk_s,
+        "chunk_ms_p50": 1e3 * statistics.median(steady),
+        "chunk_ms_p95": 1e3 * sorted(steady)[int(0.95 * (len(steady) - 1))],
+        "latent_frames_per_s": frames / statistics.mean(steady),
+        "video_frames_per_s_at_4x": 4 * frames / statistics.mean(steady),
+        "dit_calls_per_chunk": statistics.mean(calls[FLAT_EARLY[0]:] or calls),
+        "dit_call_ms": 1e3 * sum(steady) / max(1, sum(calls[min(FLAT_EARLY[0], len(calls) - 1):])),
+        "kv_bytes": stream.kv_bytes,
+    }
+    if bench.chunks > FLAT_LATE[1]:
+        early = statistics.mean(times[FLAT_EARLY[0]:FLAT_EARLY[1] + 1])
+        late = statistics.mean(times[FLAT_LATE[0]:FLAT_LATE[1] + 1])
+        result["flatness"] = late / early
+        result["flatness_goal"] = "within 5% (0.95–1.05)"
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    keys = ["first_chunk_s", "chunk_ms_p50", "chunk_ms_p95", "latent_frames_per_s", "video_frames_per_s_at_4x",
+            "dit_calls_per_chunk", "dit_call_ms", "kv_bytes", "flatness"]
+    lines = [f"bench engine: policy={result['stream']['policy']} schedule={result['stream']['schedule']} "
+             f"sampler={result['stream']['sampler']} threads={result['machine']['threads']} chunks={result['chunks']}"]
+    lines += [f"  {k:<26} {result[k]:.4g}" if isinstance(result[k], float) else f"  {k:<26} {result[k]}" for k in keys if k in result]
+    return "\n".join(lines)
+
+
+def save(result: dict[str, Any], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return out

@@ -1,0 +1,101 @@
+"""Prompt conditioning of a stream: text → embedding (cached per prompt) → cross-attention K/V, and
+how a change lands at a chunk boundary: LongLive's KV re-cache (spec §d) or a soft blend of
+embeddings over N chunks."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+
+class PromptEncoder(Protocol):
+    """Turns prompt text into the DiT's context [1, text_len, text_dim] (padding rows zero)."""
+
+    def encode(self, prompt: str) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Transition:
+    """How a prompt change lands: "recache" (re-encode cached K/V under the new prompt, spec §d) or
+    "blend" (interpolate embeddings over `chunks` chunks, linear or slerp; the cache is kept)."""
+
+    kind: Literal["recache", "blend"] = "recache"
+    chunks: int = 1
+    interpolation: Literal["linear", "slerp"] = "linear"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("recache", "blend"):
+            raise ValueError(f"unknown transition {self.kind!r}; known: recache, blend")
+        if self.interpolation not in ("linear", "slerp"):
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; known: linear, slerp")
+        if self.chunks < 1:
+            raise ValueError(f"a transition spans at least 1 chunk, got {self.chunks}")
+
+
+def interpolate(a: Tensor, b: Tensor, w: float, kind: str) -> Tensor:
+    """Blend two contexts row by row; slerp keeps norms on the arc, zero rows fall back to linear."""
+    if kind == "linear":
+        return torch.lerp(a, b, w)
+    af, bf = a.double(), b.double()
+    na, nb = af.norm(dim=-1, keepdim=True), bf.norm(dim=-1, keepdim=True)
+    cos = ((af * bf).sum(-1, keepdim=True) / (na * nb).clamp_min(1e-12)).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    so = torch.sin(omega)
+    safe = (so.abs() > 1e-6) & (na > 0) & (nb > 0)
+    slerp = (torch.sin((1 - w) * omega) * af + torch.sin(w * omega) * bf) / torch.where(safe, so, torch.ones_like(so))
+    return torch.where(safe, slerp, torch.lerp(af, bf, w)).to(a.dtype)
+
+
+class EmbeddingCache:
+    """LRU of prompt embeddings, so a prompt that comes back is not re-encoded."""
+
+    def __init__(self, encoder: PromptEncoder, size: int = 64) -> None:
+        self.encoder, self.size = encoder, size
+        self.entries: OrderedDict[str, Tensor] = OrderedDict()
+
+    def __call__(self, prompt: str | Tensor) -> Tensor:
+        if isinstance(prompt, Tensor):
+            return prompt
+        if prompt in self.entries:
+            self.entries.move_to_end(prompt)
+        else:
+            self.entries[prompt] = self.encoder.encode(prompt)
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return self.entries[prompt]
+
+
+@dataclass
+class ChunkPrompt:
+    """The conditioning a chunk is generated with. `recache_id` changes only on a re-cache transition."""
+
+    context: Tensor
+    recache_id: int
+
+
+class PromptTimeline:
+    """Which context each chunk uses; a pending change is applied when the next chunk starts."""
+
+    def __init__(self, context: Tensor) -> None:
+        self.context = context
+        self.recache_id = 0
+        self.blend: tuple[Tensor, Tensor, Transition, int] | None = None  # (from, to, transition, first chunk)
+
+    def change(self, target: Tensor, transition: Transition, chunk: int) -> None:
+        if transition.kind == "recache":
+            self.context, self.blend = target, None
+            self.recache_id += 1
+        else:
+            self.blend = (self.context, target, transition, chunk)
+
+    def for_chunk(self, chunk: int) -> ChunkPrompt:
+        if self.blend is not None:
+            start, target, tr, first = self.blend
+            w = min(1.0, (chunk - first + 1) / tr.chunks)
+            self.context = target if w >= 1.0 else interpolate(start, target, w, tr.interpolation)
+            if w >= 1.0:
+                self.blend = None
+        return ChunkPrompt(self.context, self.recache_id)

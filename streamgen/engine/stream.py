@@ -1,0 +1,199 @@
+"""`Stream`: everything one live generation owns — caches, prompt timeline, noise, frame index — so
+many streams run side by side in one process without touching each other.
+
+Controls (`set_prompt`, `set_params`, `reset`) are queued and applied at the next chunk boundary;
+each is acknowledged with the latent frame where it took effect.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..cache.policy import make_policy
+from ..models.dit import CrossKV, WanDiT
+from ..sampling.denoiser import Denoiser
+from ..sampling.few_step import FewStepSampler
+from ..sampling.rolling import RollingSampler
+from ..sampling.schedule import FlowSchedule
+from .execution import ChunkInputs, ExactExecution, Execution, RollingExecution, TimestepSlotExecution
+from .noise import NoiseSource
+from .prompts import EmbeddingCache, PromptEncoder, PromptTimeline, Transition
+
+SAMPLERS = ("few_step", "rolling")
+SCHEDULES = ("exact", "timestep-slot")
+PARAMS = ("seed", "steps", "transition")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything that fixes a stream's numerics; a model family's YAML fills most of it."""
+
+    latent_height: int
+    latent_width: int
+    policy: str = "window_sink"
+    policy_settings: dict[str, Any] = field(default_factory=dict)  # empty: the policy's reference defaults
+    sampler: str = "few_step"
+    schedule: str = "exact"
+    steps: tuple[float, ...] = (1000, 750, 500, 250)
+    warp_steps: bool = True
+    shift: float = 5.0
+    context_noise: float = 0.0
+    chunk_frames: int = 3
+    seed: int = 0
+    batch_slots: bool = True
+    transition: Transition = Transition()
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if self.sampler == "rolling" and self.schedule != "exact":
+            raise ValueError("the rolling sampler runs with schedule 'exact' only")
+        if self.sampler == "rolling" and self.transition.kind == "recache":
+            object.__setattr__(self, "transition", Transition("blend", 1))
+        object.__setattr__(self, "steps", tuple(float(s) for s in self.steps))
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A control applied at a chunk boundary: `frame` is the first latent frame generated under it."""
+
+    of: str
+    frame: int
+    chunk: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Chunk:
+    """One chunk of clean latents [B, F, C, H, W] starting at latent frame `first_frame`."""
+
+    index: int
+    first_frame: int
+    latents: Tensor
+    acks: list[Ack]
+
+
+class Stream:
+    """A live chunk-causal generation: `next_chunk()` → latents; controls land at chunk boundaries."""
+
+    def __init__(self, model: WanDiT, encoder: PromptEncoder, config: StreamConfig, prompt: str | Tensor) -> None:
+        self.model = model
+        self.embed = EmbeddingCache(encoder)
+        self.config = config
+        self.policy = make_policy(config.policy, **config.policy_settings)
+        self._pending: list[tuple[str, Any, int | None]] = []  # (kind, value, at_frame)
+        self._acks: list[Ack] = []
+        self._cross: tuple[Tensor, CrossKV] | None = None
+        self.timeline = PromptTimeline(self.embed(prompt))
+        self.prompt = prompt
+        self._build()
+
+    # --- controls ------------------------------------------------------------------------------
+    def set_prompt(self, prompt: str | Tensor, transition: Transition | None = None, at_frame: int | None = None) -> None:
+        """Queue a prompt change for the next chunk boundary, or the first chunk starting at or after
+        latent frame `at_frame` (a timeline); acknowledged in the result that follows."""
+        transition = transition or self.config.transition
+        if self.config.sampler == "rolling" and transition.kind == "recache":
+            raise ValueError("the rolling sampler supports 'blend' transitions only (its cache holds no re-cacheable window)")
+        self.embed(prompt)  # encode now: a bad prompt fails here, not mid-stream
+        self._pending.append(("prompt", (prompt, transition), at_frame))
+
+    def set_params(self, **params: Any) -> None:
+        """Queue parameter changes (seed, steps, transition); unknown names are refused with the known list."""
+        unknown = sorted(set(params) - set(PARAMS))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMS)}")
+        if "steps" in params and len(params["steps"]) != len(self.config.steps) and (
+                self.config.schedule != "exact" or self.config.sampler != "few_step"):
+            raise ValueError("timestep-slot and rolling streams tie caches/windows to the step count: it cannot change mid-stream")
+        self._validated(**params)
+        self._pending.append(("params", params, None))
+
+    def reset(self) -> None:
+        """Queue a restart from frame 0 with the current prompt (caches cleared)."""
+        self._pending.append(("reset", None, None))
+
+    # --- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def next_chunk(self) -> Chunk:
+        if any(kind == "reset" for kind, *_ in self._pending):
+            self._pending = [p for p in self._pending if p[0] != "reset"]
+            self.timeline.blend = None
+            self._build()
+            self._acks.append(Ack("reset", 0, 0))
+        j, latents = self.execution.next_chunk(self._inputs)
+        acks, self._acks = self._acks, []
+        return Chunk(j, j * self.config.chunk_frames, latents, acks)
+
+    @property
+    def frame(self) -> int:
+        """Latent frames started so far (the index the next control would land at, in exact mode)."""
+        return self.execution.started * self.config.chunk_frames
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.execution.kv_bytes
+
+    @property
+    def dit_calls(self) -> int:
+        return self.denoiser.calls
+
+    # --- internals -----------------------------------------------------------------------------
+    def _validated(self, **params: Any) -> StreamConfig:
+        changes = {k: (tuple(v) if k == "steps" else v) for k, v in params.items()}
+        if isinstance(changes.get("transition"), dict):
+            changes["transition"] = Transition(**changes["transition"])
+        cfg = replace(self.config, **changes)
+        FlowSchedule(cfg.shift).step_list(list(cfg.steps), cfg.warp_steps)
+        return cfg
+
+    def _build(self) -> None:
+        cfg, mcfg = self.config, self.model.cfg
+        self.schedule = FlowSchedule(cfg.shift)
+        steps = self.schedule.step_list(list(cfg.steps), cfg.warp_steps)
+        self.denoiser = Denoiser(self.model, self.policy)
+        tokens = (cfg.latent_height // mcfg.patch_size[1]) * (cfg.latent_width // mcfg.patch_size[2])
+        self.noise = NoiseSource(cfg.seed, (1, cfg.chunk_frames, mcfg.in_dim, cfg.latent_height, cfg.latent_width), cfg.dtype,
+                                 next(self.model.parameters()).device)
+        alloc = lambda: self.policy.allocate(mcfg.num_layers, 1, tokens, mcfg.num_heads, mcfg.head_dim, cfg.dtype,  # noqa: E731
+                                             next(self.model.parameters()).device)
+        sampler = FewStepSampler(self.schedule, steps, cfg.context_noise)
+        self.execution: Execution
+        if cfg.sampler == "rolling":
+            self.execution = RollingExecution(self.denoiser, alloc(), RollingSampler(self.schedule, steps, cfg.chunk_frames,
+                                                                                     context_noise=cfg.context_noise))
+        elif cfg.schedule == "timestep-slot":
+            self.execution = TimestepSlotExecution(self.denoiser, [alloc() for _ in steps], sampler, cfg.chunk_frames, cfg.batch_slots)
+        else:
+            self.execution = ExactExecution(self.denoiser, alloc(), sampler, cfg.chunk_frames)
+
+    def _inputs(self, chunk: int) -> ChunkInputs:
+        """Apply queued controls at this chunk boundary, then give the chunk its conditioning and noise."""
+        frame = chunk * self.config.chunk_frames
+        due = [p for p in self._pending if p[2] is None or p[2] <= frame]
+        self._pending = [p for p in self._pending if p not in due]
+        for kind, value, _ in due:
+            if kind == "prompt":
+                prompt, transition = value
+                self.prompt = prompt
+                self.timeline.change(self.embed(prompt), transition, chunk)
+                self._acks.append(Ack("prompt", frame, chunk, {"transition": transition.kind}))
+            elif kind == "params":
+                old_steps = self.config.steps
+                self.config = self._validated(**value)
+                if "seed" in value:
+                    self.noise = NoiseSource(self.config.seed, self.noise.shape, self.noise.dtype, self.noise.device)
+                if "steps" in value and self.config.steps != old_steps:
+                    steps = self.schedule.step_list(list(self.config.steps), self.config.warp_steps)
+                    self.execution.sampler.timesteps = steps
+                self._acks.append(Ack("params", frame, chunk, dict(value)))
+        prompt = self.timeline.for_chunk(chunk)
+        if self._cross is None or self._cross[0] is not prompt.context:
+            self._cross = (prompt.context, self.model.cross_kv(prompt.context))
+        return ChunkInputs(self._cross[1], prompt.recache_id, self.noise)

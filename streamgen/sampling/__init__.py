@@ -1,0 +1,1 @@
+"""Noise schedule, few-step and rolling samplers, and the DiT call against a cache."""
