@@ -6,6 +6,7 @@ each is acknowledged with the latent frame where it took effect.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -88,6 +89,7 @@ class Stream:
         self.config = config
         self.policy = make_policy(config.policy, **config.policy_settings)
         self._pending: list[tuple[str, Any, int | None]] = []  # (kind, value, at_frame)
+        self._lock = threading.Lock()  # controls may come from another thread than next_chunk()
         self._acks: list[Ack] = []
         self._cross: tuple[Tensor, CrossKV] | None = None
         self.timeline = PromptTimeline(self.embed(prompt))
@@ -102,7 +104,7 @@ class Stream:
         if self.config.sampler == "rolling" and transition.kind == "recache":
             raise ValueError("the rolling sampler supports 'blend' transitions only (its cache holds no re-cacheable window)")
         self.embed(prompt)  # encode now: a bad prompt fails here, not mid-stream
-        self._pending.append(("prompt", (prompt, transition), at_frame))
+        self._queue("prompt", (prompt, transition), at_frame)
 
     def set_params(self, **params: Any) -> None:
         """Queue parameter changes (seed, steps, transition); unknown names are refused with the known list."""
@@ -113,17 +115,27 @@ class Stream:
                 self.config.schedule != "exact" or self.config.sampler != "few_step"):
             raise ValueError("timestep-slot and rolling streams tie caches/windows to the step count: it cannot change mid-stream")
         self._validated(**params)
-        self._pending.append(("params", params, None))
+        self._queue("params", params)
 
     def reset(self) -> None:
         """Queue a restart from frame 0 with the current prompt (caches cleared)."""
-        self._pending.append(("reset", None, None))
+        self._queue("reset", None)
+
+    def _queue(self, kind: str, value: Any, at_frame: int | None = None) -> None:
+        with self._lock:
+            self._pending.append((kind, value, at_frame))
+
+    def _take(self, due) -> list[tuple[str, Any, int | None]]:
+        """Remove and return the queued controls for which `due(at_frame)` holds, in order."""
+        with self._lock:
+            taken = [p for p in self._pending if due(p)]
+            self._pending = [p for p in self._pending if not due(p)]
+        return taken
 
     # --- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def next_chunk(self) -> Chunk:
-        if any(kind == "reset" for kind, *_ in self._pending):
-            self._pending = [p for p in self._pending if p[0] != "reset"]
+        if self._take(lambda p: p[0] == "reset"):
             self.timeline.blend = None
             self._build()
             self._acks.append(Ack("reset", 0, 0))
@@ -176,9 +188,7 @@ class Stream:
     def _inputs(self, chunk: int) -> ChunkInputs:
         """Apply queued controls at this chunk boundary, then give the chunk its conditioning and noise."""
         frame = chunk * self.config.chunk_frames
-        due = [p for p in self._pending if p[2] is None or p[2] <= frame]
-        self._pending = [p for p in self._pending if p not in due]
-        for kind, value, _ in due:
+        for kind, value, _ in self._take(lambda p: p[2] is None or p[2] <= frame):
             if kind == "prompt":
                 prompt, transition = value
                 self.prompt = prompt

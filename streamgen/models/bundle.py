@@ -1,0 +1,57 @@
+"""A servable model: DiT + text encoder + frame decoder + the stream settings it was trained with.
+
+`load_bundle(name)` is the one place servers, render jobs and benchmarks get a model from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..engine.prompts import PromptEncoder
+from ..engine.stream import StreamConfig
+from .config import DiTConfig
+from .decoders import FrameDecoder, LatentPreviewDecoder
+from .dit import WanDiT
+from .random_text import RandomTextEncoder
+
+
+@dataclass
+class ModelBundle:
+    """Everything a stream of this model needs; `decoder()` makes a fresh per-stream decoder."""
+
+    name: str
+    dit: WanDiT
+    text_encoder: PromptEncoder
+    decoder: Callable[[], FrameDecoder]
+    stream: StreamConfig
+    fps: float
+    description: str = ""
+
+
+def tiny_random(seed: int = 0) -> ModelBundle:
+    """A 2-layer Wan DiT with random weights (32×32 preview): exercises every part of the machinery,
+    shows no meaningful picture. Replaced as the default by the embedded trained model."""
+    torch.manual_seed(seed)
+    cfg = DiTConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=32, text_len=16)
+    dit = WanDiT(cfg).eval()
+    return ModelBundle(
+        name="tiny-random",
+        dit=dit,
+        text_encoder=RandomTextEncoder(cfg.text_len, cfg.text_dim),
+        decoder=lambda: LatentPreviewDecoder(cfg.in_dim, scale=4),
+        stream=StreamConfig(8, 8, policy="ema_sink"),
+        fps=16.0,
+        description="random-weight 2-layer Wan DiT, latent preview decoder (machinery only)",
+    )
+
+
+BUNDLES: dict[str, Callable[[], ModelBundle]] = {"tiny-random": tiny_random}
+DEFAULT_MODEL = "tiny-random"
+
+
+def load_bundle(name: str = DEFAULT_MODEL) -> ModelBundle:
+    if name not in BUNDLES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(BUNDLES))}")
+    return BUNDLES[name]()
