@@ -26,10 +26,12 @@ from .noise import NoiseSource
 
 @dataclass
 class ChunkInputs:
-    """What the stream supplies when chunk j starts: its conditioning and its noise."""
+    """What the stream supplies when chunk j starts: its conditioning and its noise. Small and
+    picklable (the context, not per-layer K/V), so it can travel to another worker with the latents."""
 
-    cross: CrossKV
-    recache_id: int
+    context: Tensor
+    context_id: int  # changes whenever the context does (memo key for its cross-attention K/V)
+    recache_id: int  # changes only on a re-cache transition
     noise: NoiseSource
 
 
@@ -54,6 +56,16 @@ class RecentFrames:
         return torch.cat(list(self.chunks), dim=1)[:, -n:]
 
 
+def recache(denoiser: Denoiser, cache: KVCache, recent: RecentFrames, cross: CrossKV, end_frame: int, t: float) -> None:
+    """Re-encode the cached frames before `end_frame` under a new prompt (spec §d), in place, at level t."""
+    n = min(denoiser.policy.capacity_frames, end_frame, recent.frames)
+    if n == 0:
+        return
+    denoiser.policy.prepare_recache(cache)
+    x = recent.last(n)
+    denoiser.one(x, torch.full(x.shape[:2], t), cross, cache, CallSpec(end_frame - n, n, "recache"))
+
+
 class Execution(ABC):
     """Per-stream execution state: caches, chunk counter, in-flight work."""
 
@@ -71,14 +83,6 @@ class Execution(ABC):
     def next_chunk(self, inputs: Inputs) -> tuple[int, Tensor]:
         """Produce the next chunk's clean latents [B, F, C, H, W]; returns (chunk index, latents)."""
 
-    def _recache(self, cache: KVCache, recent: RecentFrames, cross: CrossKV, end_frame: int, t: float) -> None:
-        """Re-encode the cached frames before `end_frame` under a new prompt (spec §d), in place."""
-        n = min(self.denoiser.policy.capacity_frames, end_frame, recent.frames)
-        if n == 0:
-            return
-        self.denoiser.policy.prepare_recache(cache)
-        x = recent.last(n)
-        self.denoiser.one(x, torch.full(x.shape[:2], t), cross, cache, CallSpec(end_frame - n, n, "recache"))
 
 
 class ExactExecution(Execution):
@@ -95,10 +99,11 @@ class ExactExecution(Execution):
         self.started += 1
         inp = inputs(j)
         start = j * self.chunk_frames
+        cross = self.denoiser.cross_kv(inp.context_id, inp.context)
         if inp.recache_id != self.recache_id:
-            self._recache(self.caches[0], self.recent, inp.cross, start, self.sampler.context_noise)
+            recache(self.denoiser, self.caches[0], self.recent, cross, start, self.sampler.context_noise)
             self.recache_id = inp.recache_id
-        flow = lambda x, t, call: self.denoiser.one(x, t, inp.cross, self.caches[0], call)  # noqa: E731
+        flow = lambda x, t, call: self.denoiser.one(x, t, cross, self.caches[0], call)  # noqa: E731
         x0 = self.sampler.sample(flow, inp.noise.initial(j), start, lambda k: inp.noise.fresh(j, k))
         self.recent.push(x0)
         return j, x0
@@ -106,11 +111,52 @@ class ExactExecution(Execution):
 
 @dataclass
 class SlotWork:
-    """A chunk in flight through the timestep slots."""
+    """A chunk in flight through the timestep slots: its current latents and its inputs."""
 
     chunk: int
     x: Tensor
     inputs: ChunkInputs
+
+
+class TimestepSlot:
+    """Denoising step `step` of one stream: its own cache, built from its own (noisy) inputs, and the
+    recent inputs a re-cache rebuilds it from. The unit a pipeline stage holds per stream."""
+
+    def __init__(self, step: int, sampler: FewStepSampler, cache: KVCache, chunk_frames: int) -> None:
+        self.step, self.sampler, self.cache, self.chunk_frames = step, sampler, cache, chunk_frames
+        self.recent = RecentFrames(cache.capacity_frames)
+        self.recache_id = 0
+
+    @property
+    def last(self) -> bool:
+        return self.step + 1 == len(self.sampler.timesteps)
+
+    def call(self, denoiser: Denoiser, work: SlotWork) -> DiTCall:
+        """The DiT call of this step for `work` (re-caching first if the prompt was re-cached)."""
+        cross = denoiser.cross_kv(work.inputs.context_id, work.inputs.context)
+        start = work.chunk * self.chunk_frames
+        t = self.sampler.timesteps[self.step]
+        if work.inputs.recache_id != self.recache_id:
+            recache(denoiser, self.cache, self.recent, cross, start, t)
+            self.recache_id = work.inputs.recache_id
+        self.recent.push(work.x)
+        return DiTCall(work.x, torch.full(work.x.shape[:2], t), cross, self.cache, CallSpec(start, work.x.shape[1]))
+
+    def advance(self, work: SlotWork, call: DiTCall, flow: Tensor) -> SlotWork:
+        """x̂0 from the flow; re-noised to the next step's level unless this is the last step."""
+        x0 = self.sampler.schedule.to_x0(work.x, flow, call.t)
+        if self.last:
+            return SlotWork(work.chunk, x0, work.inputs)
+        t_next = torch.full(call.t.shape, self.sampler.timesteps[self.step + 1])
+        return SlotWork(work.chunk, self.sampler.schedule.add_noise(x0, work.inputs.noise.fresh(work.chunk, self.step), t_next), work.inputs)
+
+
+def run_slots(denoiser: Denoiser, slots: list[TimestepSlot], works: list[SlotWork], batched: bool) -> list[SlotWork]:
+    """One tick: each slot advances its work by one step; batched = one forward for all of them."""
+    calls = [slot.call(denoiser, work) for slot, work in zip(slots, works)]
+    groups = [calls] if batched else [[c] for c in calls]
+    flows = [f for group in groups for f in denoiser(group)]
+    return [slot.advance(work, call, flow) for slot, work, call, flow in zip(slots, works, calls, flows)]
 
 
 class TimestepSlotExecution(Execution):
@@ -126,50 +172,27 @@ class TimestepSlotExecution(Execution):
         super().__init__(denoiser, caches, chunk_frames)
         if len(caches) != len(sampler.timesteps):
             raise ValueError(f"{len(sampler.timesteps)} steps need as many slot caches, got {len(caches)}")
+        self.slots = [TimestepSlot(k, sampler, cache, chunk_frames) for k, cache in enumerate(caches)]
         self.sampler = sampler
         self.batched = batched
-        self.recent = [RecentFrames(denoiser.policy.capacity_frames) for _ in caches]
-        self.recache_ids = [0] * len(caches)
         self.in_flight: list[SlotWork | None] = [None] * len(caches)
 
     def next_chunk(self, inputs: Inputs) -> tuple[int, Tensor]:
         while True:
-            if not self.batched and any(self.in_flight):
-                done = self._tick()
-            else:
+            if self.batched or not any(self.in_flight):
                 j = self.started
                 self.started += 1
                 self.in_flight[0] = SlotWork(j, inputs(j).noise.initial(j), inputs(j))
-                done = self._tick()
-            if done is not None:
-                return done
-
-    def _tick(self) -> tuple[int, Tensor] | None:
-        """Advance every chunk in flight by one step; returns the chunk that finished, if any."""
-        active = [(k, w) for k, w in enumerate(self.in_flight) if w is not None]
-        for k, w in active:
-            if w.inputs.recache_id != self.recache_ids[k]:
-                self._recache(self.caches[k], self.recent[k], w.inputs.cross, w.chunk * self.chunk_frames, self.sampler.timesteps[k])
-                self.recache_ids[k] = w.inputs.recache_id
-        calls = [self._call(k, w) for k, w in active]
-        groups = [calls] if self.batched else [[c] for c in calls]
-        flows = [f for group in groups for f in self.denoiser(group)]
-        finished = None
-        shifted: list[SlotWork | None] = [None] * len(self.caches)
-        for (k, w), call, flow in zip(active, calls, flows):
-            self.recent[k].push(w.x)
-            x0 = self.sampler.schedule.to_x0(w.x, flow, call.t)
-            if k + 1 == len(self.caches):
-                finished = (w.chunk, x0)
-            else:
-                t_next = torch.full(call.t.shape, self.sampler.timesteps[k + 1])
-                shifted[k + 1] = SlotWork(w.chunk, self.sampler.schedule.add_noise(x0, w.inputs.noise.fresh(w.chunk, k), t_next), w.inputs)
-        self.in_flight = shifted
-        return finished
-
-    def _call(self, k: int, w: SlotWork) -> DiTCall:
-        t = torch.full(w.x.shape[:2], self.sampler.timesteps[k])
-        return DiTCall(w.x, t, w.inputs.cross, self.caches[k], CallSpec(w.chunk * self.chunk_frames, w.x.shape[1]))
+            active = [k for k, w in enumerate(self.in_flight) if w is not None]
+            done = run_slots(self.denoiser, [self.slots[k] for k in active], [self.in_flight[k] for k in active], self.batched)
+            self.in_flight = [None] * len(self.slots)
+            for k, work in zip(active, done):
+                if self.slots[k].last:
+                    finished = work
+                else:
+                    self.in_flight[k + 1] = work
+            if self.slots[-1].step in active:
+                return finished.chunk, finished.x
 
 
 class RollingExecution(Execution):
@@ -191,7 +214,8 @@ class RollingExecution(Execution):
                 self.block_inputs[last] = inputs(last)
                 self.started += 1
             inp = self.block_inputs[last]  # the window is conditioned like its newest block
-            flow = lambda x, t, call: self.denoiser.one(x, t, inp.cross, self.caches[0], call)  # noqa: E731
+            cross = self.denoiser.cross_kv(inp.context_id, inp.context)
+            flow = lambda x, t, call: self.denoiser.one(x, t, cross, self.caches[0], call)  # noqa: E731
             self.done.update(self.sampler.window(flow, self.window, self.noisy, lambda b: self.block_inputs[b].noise.initial(b),
                                                  lambda w, b, lv: inp.noise.fresh(b, lv)))
             self.window += 1

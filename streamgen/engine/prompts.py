@@ -73,6 +73,7 @@ class ChunkPrompt:
     """The conditioning a chunk is generated with. `recache_id` changes only on a re-cache transition."""
 
     context: Tensor
+    context_id: int
     recache_id: int
 
 
@@ -81,12 +82,14 @@ class PromptTimeline:
 
     def __init__(self, context: Tensor) -> None:
         self.context = context
+        self.context_id = 0  # bumped whenever `context` changes
         self.recache_id = 0
         self.blend: tuple[Tensor, Tensor, Transition, int] | None = None  # (from, to, transition, first chunk)
 
     def change(self, target: Tensor, transition: Transition, chunk: int) -> None:
         if transition.kind == "recache":
             self.context, self.blend = target, None
+            self.context_id += 1
             self.recache_id += 1
         else:
             self.blend = (self.context, target, transition, chunk)
@@ -96,6 +99,7 @@ class PromptTimeline:
             start, target, tr, first = self.blend
             w = min(1.0, (chunk - first + 1) / tr.chunks)
             self.context = target if w >= 1.0 else interpolate(start, target, w, tr.interpolation)
+            self.context_id += 1
             if w >= 1.0:
                 self.blend = None
-        return ChunkPrompt(self.context, self.recache_id)
+        return ChunkPrompt(self.context, self.context_id, self.recache_id)

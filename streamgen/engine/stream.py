@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..cache.policy import make_policy
-from ..models.dit import CrossKV, WanDiT
+from ..models.dit import WanDiT
 from ..sampling.denoiser import Denoiser
 from ..sampling.few_step import FewStepSampler
 from ..sampling.rolling import RollingSampler
@@ -91,7 +91,6 @@ class Stream:
         self._pending: list[tuple[str, Any, int | None]] = []  # (kind, value, at_frame)
         self._lock = threading.Lock()  # controls may come from another thread than next_chunk()
         self._acks: list[Ack] = []
-        self._cross: tuple[Tensor, CrossKV] | None = None
         self.timeline = PromptTimeline(self.embed(prompt))
         self.prompt = prompt
         self._build()
@@ -204,6 +203,4 @@ class Stream:
                     self.execution.sampler.timesteps = steps
                 self._acks.append(Ack("params", frame, chunk, dict(value)))
         prompt = self.timeline.for_chunk(chunk)
-        if self._cross is None or self._cross[0] is not prompt.context:
-            self._cross = (prompt.context, self.model.cross_kv(prompt.context))
-        return ChunkInputs(self._cross[1], prompt.recache_id, self.noise)
+        return ChunkInputs(prompt.context, prompt.context_id, prompt.recache_id, self.noise)

@@ -2,6 +2,8 @@
 independent calls (timestep slots, streams) into a single forward."""
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +29,23 @@ class DiTCall:
 class Denoiser:
     """Binds a model to a cache policy; returns the raw flow prediction [B, F, C, H, W]."""
 
-    def __init__(self, model: WanDiT, policy: CachePolicy) -> None:
+    def __init__(self, model: WanDiT, policy: CachePolicy, cross_memo: int = 4) -> None:
         self.model = model
         self.policy = policy
         self.calls = 0
+        self._cross: OrderedDict[Hashable, CrossKV] = OrderedDict()
+        self._cross_memo = cross_memo
+
+    @torch.no_grad()
+    def cross_kv(self, key: Hashable, context: Tensor) -> CrossKV:
+        """Cross-attention K/V of a context, computed once per key (a prompt or blend step)."""
+        if key in self._cross:
+            self._cross.move_to_end(key)
+        else:
+            self._cross[key] = self.model.cross_kv(context)
+            if len(self._cross) > self._cross_memo:
+                self._cross.popitem(last=False)
+        return self._cross[key]
 
     @torch.no_grad()
     def __call__(self, calls: list[DiTCall]) -> list[Tensor]:
