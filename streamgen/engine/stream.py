@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from ..cache.kv import KVCache
 from ..cache.policy import make_policy
 from ..models.dit import WanDiT
 from ..sampling.denoiser import Denoiser
@@ -83,8 +84,11 @@ class Chunk:
 class Stream:
     """A live chunk-causal generation: `next_chunk()` → latents; controls land at chunk boundaries."""
 
-    def __init__(self, model: WanDiT, encoder: PromptEncoder, config: StreamConfig, prompt: str | Tensor) -> None:
+    def __init__(self, model: WanDiT, encoder: PromptEncoder, config: StreamConfig, prompt: str | Tensor,
+                 execution_factory: Callable[["Stream"], Execution] | None = None) -> None:
+        """`execution_factory` swaps where chunks are computed (e.g. Ray stages); default: in process."""
         self.model = model
+        self.execution_factory = execution_factory or local_execution
         self.embed = EmbeddingCache(encoder)
         self.config = config
         self.policy = make_policy(config.policy, **config.policy_settings)
@@ -167,22 +171,18 @@ class Stream:
     def _build(self) -> None:
         cfg, mcfg = self.config, self.model.cfg
         self.schedule = FlowSchedule(cfg.shift)
-        steps = self.schedule.step_list(list(cfg.steps), cfg.warp_steps)
+        self.timesteps = self.schedule.step_list(list(cfg.steps), cfg.warp_steps)
         self.denoiser = Denoiser(self.model, self.policy)
-        tokens = (cfg.latent_height // mcfg.patch_size[1]) * (cfg.latent_width // mcfg.patch_size[2])
         self.noise = NoiseSource(cfg.seed, (1, cfg.chunk_frames, mcfg.in_dim, cfg.latent_height, cfg.latent_width), cfg.dtype,
                                  next(self.model.parameters()).device)
-        alloc = lambda: self.policy.allocate(mcfg.num_layers, 1, tokens, mcfg.num_heads, mcfg.head_dim, cfg.dtype,  # noqa: E731
-                                             next(self.model.parameters()).device)
-        sampler = FewStepSampler(self.schedule, steps, cfg.context_noise)
-        self.execution: Execution
-        if cfg.sampler == "rolling":
-            self.execution = RollingExecution(self.denoiser, alloc(), RollingSampler(self.schedule, steps, cfg.chunk_frames,
-                                                                                     context_noise=cfg.context_noise))
-        elif cfg.schedule == "timestep-slot":
-            self.execution = TimestepSlotExecution(self.denoiser, [alloc() for _ in steps], sampler, cfg.chunk_frames, cfg.batch_slots)
-        else:
-            self.execution = ExactExecution(self.denoiser, alloc(), sampler, cfg.chunk_frames)
+        self.execution = self.execution_factory(self)
+
+    def allocate_cache(self) -> KVCache:
+        """A fresh cache of this stream's policy, geometry, dtype and device."""
+        cfg, mcfg = self.config, self.model.cfg
+        tokens = (cfg.latent_height // mcfg.patch_size[1]) * (cfg.latent_width // mcfg.patch_size[2])
+        return self.policy.allocate(mcfg.num_layers, 1, tokens, mcfg.num_heads, mcfg.head_dim, cfg.dtype,
+                                    next(self.model.parameters()).device)
 
     def _inputs(self, chunk: int) -> ChunkInputs:
         """Apply queued controls at this chunk boundary, then give the chunk its conditioning and noise."""
@@ -199,8 +199,21 @@ class Stream:
                 if "seed" in value:
                     self.noise = NoiseSource(self.config.seed, self.noise.shape, self.noise.dtype, self.noise.device)
                 if "steps" in value and self.config.steps != old_steps:
-                    steps = self.schedule.step_list(list(self.config.steps), self.config.warp_steps)
-                    self.execution.sampler.timesteps = steps
+                    self.timesteps = self.schedule.step_list(list(self.config.steps), self.config.warp_steps)
+                    self.execution.sampler.timesteps = self.timesteps
                 self._acks.append(Ack("params", frame, chunk, dict(value)))
         prompt = self.timeline.for_chunk(chunk)
         return ChunkInputs(prompt.context, prompt.context_id, prompt.recache_id, self.noise)
+
+
+def local_execution(stream: Stream) -> Execution:
+    """In-process execution of the stream's sampler and schedule (exact, timestep-slot or rolling)."""
+    cfg = stream.config
+    if cfg.sampler == "rolling":
+        sampler = RollingSampler(stream.schedule, stream.timesteps, cfg.chunk_frames, context_noise=cfg.context_noise)
+        return RollingExecution(stream.denoiser, stream.allocate_cache(), sampler)
+    sampler = FewStepSampler(stream.schedule, stream.timesteps, cfg.context_noise)
+    if cfg.schedule == "timestep-slot":
+        return TimestepSlotExecution(stream.denoiser, [stream.allocate_cache() for _ in stream.timesteps], sampler,
+                                     cfg.chunk_frames, cfg.batch_slots)
+    return ExactExecution(stream.denoiser, stream.allocate_cache(), sampler, cfg.chunk_frames)
