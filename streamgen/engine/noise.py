@@ -3,10 +3,10 @@ seed gives the same latents whatever the execution order — sequential, batched
 stages on other machines."""
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch import Tensor
+
+from ..rng import keyed_randn
 
 
 class NoiseSource:
@@ -16,9 +16,7 @@ class NoiseSource:
         self.seed, self.shape, self.dtype, self.device = seed, shape, dtype, device
 
     def draw(self, *key: int) -> Tensor:
-        digest = hashlib.blake2b(repr((self.seed, *key)).encode(), digest_size=8).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-        return torch.randn(self.shape, generator=gen).to(self.device, self.dtype)
+        return keyed_randn(self.shape, self.seed, *key).to(self.device, self.dtype)
 
     def initial(self, chunk: int) -> Tensor:
         """Starting noise of a chunk (or rolling block)."""

@@ -3,10 +3,10 @@ to a fixed pseudo-random row, so different prompts give different, repeatable co
 umT5 (streamgen.models.umt5); the embedded model has its own vocabulary encoder."""
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch import Tensor
+
+from ..rng import keyed_randn
 
 
 class RandomTextEncoder:
@@ -21,7 +21,5 @@ class RandomTextEncoder:
             raise ValueError(f"prompt has {len(words)} words; this encoder takes at most {self.text_len}")
         out = torch.zeros(1, self.text_len, self.text_dim)
         for i, word in enumerate(words):
-            digest = hashlib.blake2b(f"{self.seed}:{word}".encode(), digest_size=8).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-            out[0, i] = torch.randn(self.text_dim, generator=gen)
+            out[0, i] = keyed_randn((self.text_dim,), self.seed, word)
         return out
