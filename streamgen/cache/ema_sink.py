@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
-
-from ..models.attention import TokenGrid
 from ..models.rope import Rope3D
 from .kv import KVCache
 from .window import WindowPlan, WindowSinkPolicy
@@ -16,10 +13,9 @@ class EmaSinkPolicy(WindowSinkPolicy):
     """Window of `capacity_frames` whose first `sink_frames` slots hold an EMA of evicted frames."""
 
     name = "ema_sink"
-    slot_relative = True
 
     def __init__(self, capacity_frames: int = 9, sink_frames: int = 3, alpha: float = 0.999, global_sink: bool = True) -> None:
-        super().__init__(capacity_frames, sink_frames, global_sink=global_sink)
+        super().__init__(capacity_frames, sink_frames, global_sink=global_sink, rope="relative")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
@@ -36,10 +32,3 @@ class EmaSinkPolicy(WindowSinkPolicy):
             evicted = buf[:, cache.tokens(sink, 2 * sink)]
             buf[:, cache.tokens(0, sink)] = self.alpha * buf[:, cache.tokens(0, sink)] + (1 - self.alpha) * evicted
         super().evict_(cache, layer, plan, rope)
-
-    def store_keys(self, k: Tensor, plan: WindowPlan, grid: TokenGrid, rope: Rope3D) -> Tensor:
-        return k  # roped at attention time, by slot
-
-    def position(self, q: Tensor, keys: Tensor, plan: WindowPlan, grid: TokenGrid, rope: Rope3D) -> tuple[Tensor, Tensor]:
-        q = rope.apply(q, range(plan.end - plan.call.num_frames, plan.end), grid.height, grid.width)
-        return q, rope.apply(keys, range(plan.end), grid.height, grid.width)

@@ -52,20 +52,25 @@ class WindowCall(SelfAttentionContext):
 
 
 class WindowSinkPolicy(CachePolicy):
-    """LongLive: `capacity_frames` window whose first `sink_frames` are never evicted; absolute RoPE.
+    """LongLive: `capacity_frames` window whose first `sink_frames` are never evicted.
 
+    rope="absolute" (LongLive 1.0): keys roped at their absolute frame when written. Absolute
+    positions end at the RoPE table (`rope_max_frames`, 1024 for Wan): past it the stream stops with
+    CacheFullError unless rope_overflow="extend" (positions the model never saw).
+    rope="relative" (LongLive-infinity): keys cached un-roped and roped at every call by slot, so
+    positions never leave [0, capacity) and streams are unbounded.
     global_sink=False makes a prompt re-cache rebuild the sink too (LongLive training setting).
-    Absolute positions end at the RoPE table (`rope_max_frames`, 1024 for Wan): past it the stream
-    stops with CacheFullError unless rope_overflow="extend" (positions the model never saw).
     """
 
     name = "window_sink"
     evicts = True
-    slot_relative = False
 
     def __init__(self, capacity_frames: int = 12, sink_frames: int = 3, global_sink: bool = True,
-                 rope_overflow: str = "error") -> None:
+                 rope_overflow: str = "error", rope: str = "absolute") -> None:
         super().__init__(capacity_frames)
+        if rope not in ("absolute", "relative"):
+            raise ValueError(f"rope must be 'absolute' or 'relative', got {rope!r}")
+        self.slot_relative = rope == "relative"
         if not 0 <= sink_frames < capacity_frames:
             raise ValueError(f"sink_frames must be in [0, capacity_frames), got {sink_frames}")
         if rope_overflow not in ("error", "extend"):
@@ -76,7 +81,7 @@ class WindowSinkPolicy(CachePolicy):
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "sink_frames": self.sink_frames, "global_sink": self.global_sink,
-                "rope_overflow": self.rope_overflow}
+                "rope_overflow": self.rope_overflow, "rope": "relative" if self.slot_relative else "absolute"}
 
     def plan(self, cache: KVCache, call: CallSpec) -> WindowPlan:
         n, cap, sink = call.num_frames, cache.capacity_frames, self.sink_frames
@@ -119,10 +124,16 @@ class WindowSinkPolicy(CachePolicy):
             buf[:, cache.tokens(sink, kept_end)] = buf[:, cache.tokens(sink + plan.evict, kept_end + plan.evict)].clone()
 
     def store_keys(self, k: Tensor, plan: WindowPlan, grid: TokenGrid, rope: Rope3D) -> Tensor:
-        """Keys are roped at their absolute frames when written."""
+        """Absolute: roped at their frames when written. Relative: stored un-roped."""
+        if self.slot_relative:
+            return k
         return rope.apply(k, range(plan.call.start_frame, plan.call.end_frame), grid.height, grid.width)
 
     def position(self, q: Tensor, keys: Tensor, plan: WindowPlan, grid: TokenGrid, rope: Rope3D) -> tuple[Tensor, Tensor]:
+        """Absolute: q at its frames. Relative: every key at its slot, q at its own (last) slots."""
+        if self.slot_relative:
+            q = rope.apply(q, range(plan.end - plan.call.num_frames, plan.end), grid.height, grid.width)
+            return q, rope.apply(keys, range(plan.end), grid.height, grid.width)
         return rope.apply(q, range(plan.call.start_frame, plan.call.end_frame), grid.height, grid.width), keys
 
 
