@@ -73,4 +73,13 @@ class KVCache:
 
     def clone(self) -> "KVCache":
         return KVCache([t.clone() for t in self.k], [t.clone() for t in self.v], self.tokens_per_frame,
-                       self.global_end, self.local_end, dict(self.state))
+                       self.global_end, self.local_end, {k: _copy(v) for k, v in self.state.items()})
+
+
+def _copy(value: Any) -> Any:
+    """Deep copy of policy state: tensors cloned, lists copied element-wise, scalars as they are."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value

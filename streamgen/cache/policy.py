@@ -49,7 +49,7 @@ class CachePolicy(ABC):
 
 def make_policy(name: str, **settings: Any) -> CachePolicy:
     """Build a policy by its config name; an unknown name lists the known ones."""
-    from . import deep_sink, ema_sink, rolling, window  # noqa: F401  (registration)
+    from . import compression, deep_sink, ema_sink, rolling, window  # noqa: F401  (registration)
 
     if name not in CachePolicy.registry:
         raise ValueError(f"unknown cache policy {name!r}; known: {', '.join(sorted(CachePolicy.registry))}")
