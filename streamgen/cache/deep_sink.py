@@ -21,6 +21,8 @@ class DeepSinkPolicy(WindowSinkPolicy):
 
     def begin(self, cache: KVCache, call: CallSpec, rope: Rope3D) -> WindowCall:
         ctx = super().begin(cache, call, rope)
+        if call.role == "recache" and ctx.plan.write_start == 0 and cache.state.get("sink_start_frame") is not None:
+            cache.state["sink_start_frame"] = call.start_frame  # the sink was rebuilt at its absolute frames
         if ctx.plan.evict:
             tail = self.capacity_frames - self.sink_frames
             desired = call.start_frame - tail - self.sink_frames

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..models.rope import Rope3D
-from .kv import KVCache
+from .kv import CallSpec, KVCache
 from .window import WindowPlan, WindowSinkPolicy
 
 
@@ -23,11 +23,16 @@ class EmaSinkPolicy(WindowSinkPolicy):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "alpha": self.alpha}
 
+    def plan(self, cache: KVCache, call: CallSpec) -> WindowPlan:
+        plan = super().plan(cache, call)
+        if plan.evict and plan.evict != self.sink_frames:  # checked before any counter moves
+            raise ValueError(f"ema_sink blends evicted frames into the sink slot by slot: evictions must be exactly "
+                             f"sink_frames={self.sink_frames} frames, got {plan.evict} (capacity − sink must be a multiple of the chunk)")
+        return plan
+
     def evict_(self, cache: KVCache, layer: int, plan: WindowPlan, rope: Rope3D) -> None:
         """Blend the evicted frames into the sink slot by slot (same count), then move the rest down."""
         sink = self.sink_frames
-        if plan.evict != sink:
-            raise ValueError(f"ema_sink needs evictions of exactly sink_frames={sink} frames (chunk size), got {plan.evict}")
         for buf in (cache.k[layer], cache.v[layer]):
             evicted = buf[:, cache.tokens(sink, 2 * sink)]
             buf[:, cache.tokens(0, sink)] = self.alpha * buf[:, cache.tokens(0, sink)] + (1 - self.alpha) * evicted

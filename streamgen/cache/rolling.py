@@ -53,6 +53,9 @@ class RollingAnchorPolicy(CachePolicy):
 
     def __init__(self, capacity_frames: int = 24, attention_frames: int = 21, block_frames: int = 3) -> None:
         super().__init__(capacity_frames)
+        if capacity_frames % block_frames or capacity_frames < 2 * block_frames:
+            raise ValueError(f"capacity_frames ({capacity_frames}) must be a multiple of block_frames ({block_frames}), "
+                             "at least the anchor plus one block")
         self.attention_frames = attention_frames
         self.block_frames = block_frames
 

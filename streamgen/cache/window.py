@@ -86,6 +86,8 @@ class WindowSinkPolicy(CachePolicy):
     def plan(self, cache: KVCache, call: CallSpec) -> WindowPlan:
         n, cap, sink = call.num_frames, cache.capacity_frames, self.sink_frames
         extends = call.end_frame > cache.global_end
+        if extends and self.evicts and n > cap - sink:
+            raise ValueError(f"a call of {n} frames does not fit beside a {sink}-frame sink in a {cap}-frame cache")
         evict = 0
         if extends and cache.local_end + n > cap:
             if not self.evicts:
