@@ -23,6 +23,7 @@ class FrameChunk:
     frames: Tensor
     latents: Tensor
     acks: list[Ack] = field(default_factory=list)
+    stall: dict[str, Any] | None = None  # set by backends that recovered from a fault before this chunk
 
 
 class FrameStream:
@@ -44,8 +45,9 @@ class FrameStream:
         acks = [replace(a, frame=video(a.frame)) for a in chunk.acks]
         return FrameChunk(chunk.index, video(chunk.first_frame), frames, chunk.latents, acks)
 
-    def set_prompt(self, prompt: str, transition: Transition | None = None) -> None:
-        self.stream.set_prompt(prompt, transition)
+    def set_prompt(self, prompt: str, transition: Transition | None = None, at_frame: int | None = None) -> None:
+        """`at_frame` is a latent frame (timelines); None = the next chunk boundary."""
+        self.stream.set_prompt(prompt, transition, at_frame)
 
     def set_params(self, **params: Any) -> None:
         self.stream.set_params(**params)
