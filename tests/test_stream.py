@@ -130,7 +130,7 @@ def test_unknown_names_list_the_known_ones(tiny_model, text_encoder) -> None:
         StreamConfig(8, 8, sampler="euler")
     with pytest.raises(ValueError, match="known: exact, timestep-slot"):
         StreamConfig(8, 8, schedule="async")
-    with pytest.raises(ValueError, match="known: deep_sink, ema_sink, full"):
+    with pytest.raises(ValueError, match="known: deep_sink, deep_sink_pc, ema_sink, full"):
         Stream(tiny_model, text_encoder, StreamConfig(8, 8, policy="lru"), "x")
 
 

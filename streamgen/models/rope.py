@@ -51,7 +51,7 @@ class Rope3D:
         frames = torch.as_tensor(list(frames) if isinstance(frames, range) else frames)
         b, length, heads, dim = x.shape
         z = torch.view_as_complex(x.to(torch.float64).reshape(b, length, heads, dim // 2, 2))
-        out = torch.view_as_real(z * self.phases(frames, height, width)).flatten(3)
+        out = torch.view_as_real(z * self.phases(frames, height, width).to(x.device)).flatten(3)
         return out.to(x.dtype)
 
     def shift_time_(self, x: Tensor, delta: int) -> None:
@@ -65,5 +65,5 @@ class Rope3D:
         b, length, heads, _ = x.shape
         part = x[..., :t_real]
         z = torch.view_as_complex(part.to(torch.float64).reshape(b, length, heads, t_real // 2, 2).contiguous())
-        rot = self._phases(torch.tensor([delta]), 0)[0]
+        rot = self._phases(torch.tensor([delta]), 0)[0].to(x.device)
         part.copy_(torch.view_as_real(z * rot).flatten(3).to(x.dtype))

@@ -53,7 +53,7 @@ class Denoiser:
         contexts = [self.policy.begin(c.cache, c.call, self.model.rope) for c in calls]
         sizes = [c.x.shape[0] for c in calls]
         x = torch.cat([c.x for c in calls]).transpose(1, 2)
-        t = torch.cat([c.t for c in calls])
+        t = torch.cat([c.t for c in calls]).to(x.device)
         cross = [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in zip(*(c.cross for c in calls))]
         attn = contexts[0] if len(calls) == 1 else BatchedAttention(contexts, sizes)
         self.calls += 1

@@ -30,12 +30,12 @@ class FlowSchedule:
 
     def sigma(self, t: Tensor | float) -> Tensor:
         """Nearest-table σ for each timestep value (float32)."""
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).cpu()  # the table lives on the CPU
         return self.sigmas[(self.timesteps[None, :] - t[:, None]).abs().argmin(dim=1)]
 
     def to_x0(self, x: Tensor, flow: Tensor, t: Tensor) -> Tensor:
         """x̂0 = x − σ(t)·v̂ in float64; x, flow [B, F, C, H, W], t [B, F]."""
-        sigma = self.sigma(t.flatten()).to(torch.float64).reshape(*t.shape, 1, 1, 1)
+        sigma = self.sigma(t.flatten()).to(x.device, torch.float64).reshape(*t.shape, 1, 1, 1)
         return (x.to(torch.float64) - sigma * flow.to(torch.float64)).to(flow.dtype)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
