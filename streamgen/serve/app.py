@@ -1,0 +1,153 @@
+"""HTTP routes: signaling (`POST /offer`), sessions, health, metrics, ICE servers, the web client.
+
+Every failure is a JSON `{"error": "<one line>"}` with a fitting status; nothing a client sends can
+take the server down (unexpected exceptions become a 500 for that request only).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from ..backends import Backend, CapacityError
+from .config import ServeConfig
+from .errors import describe
+from .ice import check_offer, ice_servers
+from .limits import Handler, bearer_auth
+from .manager import Refused, SessionManager
+from .metrics import Metrics
+from .protocol import Offer
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 1024
+MANAGER = web.AppKey("manager", SessionManager)
+CONFIG = web.AppKey("config", ServeConfig)
+METRICS = web.AppKey("metrics", Metrics)
+BACKEND = web.AppKey("backend", Backend)
+
+
+def error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Routing errors as JSON one-liners; any bug costs one 500, never the server."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reasons = {404: f"no such endpoint: {request.method} {request.path}",
+                   405: f"method {request.method} not allowed on {request.path}",
+                   413: f"request body too large (limit {MAX_BODY_BYTES} bytes)"}
+        return error(exc.status, reasons.get(exc.status, exc.reason or "bad request"))
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error(500, "internal server error (logged); the server keeps running")
+
+
+async def post_offer(request: web.Request) -> web.Response:
+    response = await _offer(request)
+    request.app[METRICS].inc("streamgen_offers_total", code=str(response.status))
+    return response
+
+
+async def _offer(request: web.Request) -> web.Response:
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return error(400, f"body is not valid JSON ({exc})")
+    if not isinstance(body, dict):
+        return error(400, "body must be a JSON object with 'sdp' and 'type'")
+    try:
+        offer = Offer.model_validate(body)
+    except ValidationError as exc:
+        return error(422, describe(exc, Offer))
+    if (reason := check_offer(offer.sdp)) is not None:
+        return error(400, reason)
+    try:
+        session, answer = await request.app[MANAGER].offer(offer, request.remote or "unknown")
+    except CapacityError as exc:
+        return error(503, str(exc), **{"Retry-After": "5"})
+    except Refused as exc:
+        return error(exc.status, exc.reason)
+    except ValueError as exc:  # the backend refused the prompt or settings
+        return error(400, str(exc))
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    session = request.app[MANAGER].get(request.match_info["sid"])
+    if session is None:
+        return error(404, f"no session {request.match_info['sid']!r}")
+    return web.json_response(session.describe())
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    session = request.app[MANAGER].get(request.match_info["sid"])
+    if session is None:
+        return error(404, f"no session {request.match_info['sid']!r}")
+    await session.close("deleted")
+    return web.json_response({"session_id": session.id, "state": "closed"})
+
+
+async def health(request: web.Request) -> web.Response:
+    stats = request.app[BACKEND].stats()
+    return web.json_response({"status": "ok", **stats, "sessions": request.app[MANAGER].counts()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    manager, backend = request.app[MANAGER], request.app[BACKEND]
+    stats = backend.stats()
+    gauges = {
+        "streamgen_sessions": ("Sessions by state.", {(("state", k),): float(v) for k, v in manager.counts().items()}),
+        "streamgen_backend_streams": ("Streams open in the backend.", {(): float(stats["streams"])}),
+        "streamgen_backend_capacity": ("Streams the backend can hold.", {(): float(stats["capacity"])}),
+        "streamgen_queue_depth_frames": ("Frames waiting to be sent, summed over sessions.",
+                                         {(): float(sum(s.queue.depth for s in manager.sessions.values()))}),
+    }
+    return web.Response(text=request.app[METRICS].render(gauges), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def get_ice_servers(request: web.Request) -> web.Response:
+    """What browsers should put in their RTCPeerConnection (the server's own STUN/TURN list)."""
+    servers = [{k: v for k, v in (("urls", s.urls), ("username", s.username), ("credential", s.credential)) if v}
+               for s in ice_servers(request.app[CONFIG].ice_servers)]
+    return web.json_response({"iceServers": servers})
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    page = request.app[CONFIG].web_root / "index.html"
+    if not page.is_file():
+        return web.Response(status=404, content_type="text/plain",
+                            text=f"No web client here: {page} does not exist yet. Use the Python client "
+                                 "(streamgen client URL) or POST /offer directly.\n")
+    return web.FileResponse(page)
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    root = request.app[CONFIG].web_root.resolve()
+    path = (root / request.match_info["path"]).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return error(404, f"no static file {request.match_info['path']!r} under {root.name}/")
+    return web.FileResponse(path)
+
+
+def create_app(config: ServeConfig, backend: Backend, manager: SessionManager, metrics_: Metrics) -> web.Application:
+    app = web.Application(middlewares=[json_errors, bearer_auth(config.token)], client_max_size=MAX_BODY_BYTES)
+    app[CONFIG], app[BACKEND], app[MANAGER], app[METRICS] = config, backend, manager, metrics_
+    app.router.add_post("/offer", post_offer)
+    app.router.add_get("/sessions/{sid}", get_session)
+    app.router.add_delete("/sessions/{sid}", delete_session)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/ice-servers", get_ice_servers)
+    app.router.add_get("/", index)
+    app.router.add_get("/static/{path:.+}", static)
+    return app
+

@@ -1,0 +1,39 @@
+"""Server settings: one dataclass the CLI fills and tests construct directly."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..models.bundle import DEFAULT_MODEL
+
+WEB_ROOT = Path(__file__).resolve().parents[2] / "clients" / "web"
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback unless told otherwise: the API has no TLS of its own
+    port: int = 8080  # 0 picks a free port (tests)
+    model: str = DEFAULT_MODEL
+    prompt: str = "a calm lake at dawn"  # used when an offer carries none
+    max_sessions: int = 4
+    max_sessions_per_ip: int = 2
+    token: str | None = None  # bearer token for the HTTP API (/health and the web page stay open)
+    ice_servers: list[str] = field(default_factory=list)  # stun:/turn: URLs; none by default (loopback/LAN)
+    display_size: int = 256  # frames are upscaled (nearest) so their longer side reaches this
+    codec: str = "vp8"  # preferred video codec (vp8 | h264); the other is accepted when the peer lacks it
+    bitrate: int | None = None  # bits/s; None: from display size and fps (see encoder.default_bitrate)
+    keyframe_interval_s: float = 2.0  # the track encodes itself, so periodic keyframes replace PLI handling
+    grace_s: float = 10.0  # a session whose peer went away waits this long for a reconnect
+    connect_timeout_s: float = 15.0  # an answered offer must connect within this
+    queue_chunks: int = 2  # most chunks generated ahead of playback (fewer when chunks compute fast)
+    stats_interval_s: float = 1.0
+    control_rate: float = 20.0  # control messages per second per session (token bucket, burst = rate)
+    threads: int | None = None  # torch intra-op threads; None: cores / max_sessions (≥ 1)
+    backend: str = "local"  # where streams run: local (in process) or ray
+    ray: dict[str, Any] = field(default_factory=dict)  # make_backend keywords for the ray backend
+    web_root: Path = WEB_ROOT
+
+    def torch_threads(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // max(1, self.max_sessions))

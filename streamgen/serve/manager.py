@@ -1,0 +1,130 @@
+"""Session registry: admission (capacity, per-IP limit), resume within the grace period, reaping.
+
+Capacity itself is the backend's (`CapacityError` carries the reason the client sees); this adds the
+per-client limit and closes sessions whose peer did not (re)connect by their deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+from aiortc import RTCSessionDescription
+
+from ..backends import Backend
+from ..engine.prompts import Transition
+from .config import ServeConfig
+from .metrics import Metrics
+from .peer import Peer
+from .protocol import Offer, StreamParams
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """An offer the server will not serve: HTTP `status` with `reason` for the client."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class SessionManager:
+    def __init__(self, backend: Backend, config: ServeConfig, metrics: Metrics) -> None:
+        self.backend = backend
+        self.config = config
+        self.metrics = metrics
+        self.sessions: dict[str, Session] = {}
+        self._reaper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._reaper = asyncio.ensure_future(self._reap())
+
+    async def offer(self, offer: Offer, client_ip: str) -> tuple[Session, RTCSessionDescription]:
+        """Answer an offer: a new session, or the one named by `session_id` (resume)."""
+        if offer.session_id is not None:
+            return await self._resume(offer, client_ip)
+        mine = sum(1 for s in self.sessions.values() if s.client_ip == client_ip)
+        if mine >= self.config.max_sessions_per_ip:
+            raise Refused(429, f"this client already has {mine} sessions (limit {self.config.max_sessions_per_ip} per address); "
+                               "close one (DELETE /sessions/ID) or resume it with its session_id")
+        prompt = offer.prompt or self.config.prompt
+        stream = await asyncio.to_thread(self.backend.open, prompt, _overrides(offer.params))  # CapacityError, ValueError
+        session = Session(secrets.token_urlsafe(12), stream, self.backend, self.config, self.metrics, client_ip,
+                          self._forget)
+        self.sessions[session.id] = session
+        session.start()
+        try:
+            answer = await self._connect(session, offer.sdp)
+        except BaseException:
+            await session.close("offer failed")
+            raise
+        self.metrics.inc("streamgen_sessions_opened_total")
+        return session, answer
+
+    async def _resume(self, offer: Offer, client_ip: str) -> tuple[Session, RTCSessionDescription]:
+        session = self.sessions.get(offer.session_id or "")
+        if session is None:
+            raise Refused(404, f"no session {offer.session_id!r}: it ended or its {self.config.grace_s:g} s grace period "
+                               "passed; send the offer without session_id to start a new one")
+        answer = await self._connect(session, offer.sdp)
+        if offer.params is not None and offer.params.changes():
+            await session.set_params(offer.params.changes(), None)
+        if offer.prompt is not None and offer.prompt != session.stream.stream.prompt:
+            await session.set_prompt(offer.prompt, None, None)
+        self.metrics.inc("streamgen_sessions_resumed_total")
+        log.info("session %s resumed from %s", session.id, client_ip)
+        return session, answer
+
+    async def _connect(self, session: Session, sdp: str) -> RTCSessionDescription:
+        peer = Peer(session, self.config, self.metrics)
+        try:
+            answer = await peer.answer(sdp)
+        except Exception as exc:
+            await peer.close()
+            raise Refused(400, f"cannot negotiate this offer: {exc}"[:300]) from exc
+        old = session.attach(peer)
+        if old is not None:
+            await old.close()
+        return answer
+
+    def get(self, sid: str) -> Session | None:
+        return self.sessions.get(sid)
+
+    async def close_all(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.gather(*(s.close("shutdown") for s in list(self.sessions.values())))
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("connecting", "streaming", "detached"), 0)
+        for session in self.sessions.values():
+            counts[session.state] = counts.get(session.state, 0) + 1
+        return counts
+
+    def _forget(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+
+    async def _reap(self) -> None:
+        """Close sessions whose peer did not connect, or reconnect, by their deadline."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if session.deadline is not None and now > session.deadline:
+                    reason = "grace expired" if session.state == "detached" else "connect timeout"
+                    asyncio.ensure_future(session.close(reason))
+
+
+def _overrides(params: StreamParams | None) -> dict[str, Any]:
+    """Offer params → StreamConfig fields for a new stream."""
+    changes = params.changes() if params else {}
+    if "steps" in changes:
+        changes["steps"] = tuple(changes["steps"])
+    if "transition" in changes:
+        changes["transition"] = Transition(**changes["transition"])
+    return changes

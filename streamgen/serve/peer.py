@@ -1,0 +1,121 @@
+"""One WebRTC connection serving a session: the paced video track out, the `control` channel both ways.
+
+Transport only: losing it (connection failed/closed, control channel closed) hands the session back
+to its grace period; the session's stream is untouched.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from pydantic import BaseModel
+
+from . import ice
+from .config import ServeConfig
+from .control import ControlHandler
+from .encoder import VideoEncoder
+from .metrics import Metrics
+from .protocol import Error
+from .session import Session
+from .track import PacedVideoTrack
+
+log = logging.getLogger(__name__)
+
+OUTBOX_LIMIT = 64  # messages kept while the control channel is not open yet (acks of offer-time changes)
+
+
+class Peer:
+    def __init__(self, session: Session, config: ServeConfig, metrics: Metrics) -> None:
+        self.session = session
+        self.config = config
+        self.codec: str | None = None
+        self.pc = RTCPeerConnection(ice.configuration(config.ice_servers))
+        self._control = ControlHandler(session, config.control_rate, metrics)
+        self._channel: RTCDataChannel | None = None
+        self._inbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=256)
+        self._outbox: list[str] = []
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+        self.pc.on("connectionstatechange", self._on_state)
+        self.pc.on("datachannel", self._on_datachannel)
+
+    async def answer(self, offer_sdp: str) -> RTCSessionDescription:
+        """Negotiate: our codec preference, then the track that encodes with the negotiated codec."""
+        if ice.is_loopback(self.config.host):
+            offer_sdp = ice.loopback_candidates_only(offer_sdp)
+        transceiver = self.pc.addTransceiver("video", direction="sendonly")  # claims the offer's video section
+        transceiver.setCodecPreferences(ice.codec_preferences(self.config.codec))
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self.codec = ice.negotiated_codec(self.pc.localDescription.sdp)
+        encoder = VideoEncoder(self.codec, self.session.fps, self.config.bitrate, self.config.keyframe_interval_s)
+        transceiver.sender.replaceTrack(PacedVideoTrack(self.session, encoder, self.session.fps))
+        self._tasks = [asyncio.ensure_future(self._read_loop()), asyncio.ensure_future(self._stats_loop())]
+        return self.pc.localDescription
+
+    def send(self, message: BaseModel) -> None:
+        text = message.model_dump_json(exclude_none=True)
+        if self._channel is not None and self._channel.readyState == "open":
+            self._channel.send(text)
+        elif not self._closed and len(self._outbox) < OUTBOX_LIMIT:
+            self._outbox.append(text)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await self.pc.close()
+
+    # --- events --------------------------------------------------------------------------------
+    async def _on_state(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected":
+            self.session.on_connected(self)
+        elif state in ("failed", "closed"):
+            self.session.on_peer_lost(self, f"connection {state}")
+            await self.close()
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != "control" or self._channel is not None:
+            channel.close()  # one control channel per connection; nothing else is spoken
+            return
+        self._channel = channel
+        channel.on("message", self._on_message)
+        channel.on("close", lambda: asyncio.ensure_future(self._on_channel_closed()))
+        for text in self._outbox:
+            channel.send(text)
+        self._outbox.clear()
+
+    def _on_message(self, raw: str | bytes) -> None:
+        try:
+            self._inbox.put_nowait(raw)
+        except asyncio.QueueFull:  # far beyond the rate limit: answered rather than queued
+            self.send(Error(message="too many control messages waiting; message ignored"))
+
+    async def _on_channel_closed(self) -> None:
+        self.session.on_peer_lost(self, "control channel closed")
+        await self.close()
+
+    # --- loops -------------------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        """Handle control messages one at a time, so their changes queue in arrival order."""
+        while True:
+            raw = await self._inbox.get()
+            try:
+                reply = await self._control.handle(raw)
+            except Exception:  # a bug must cost one message, not the connection
+                log.exception("session %s: control message failed", self.session.id)
+                reply = Error(message="internal error while applying this message; the stream continues")
+            if reply is not None:
+                self.send(reply)
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.stats_interval_s)
+            if self._channel is not None and self._channel.readyState == "open":
+                with contextlib.suppress(Exception):
+                    self.send(self.session.stats())

@@ -1,0 +1,196 @@
+"""A generation session: its own FrameStream, generation thread and frame queue, and its controls.
+
+The session is the *generation* state; the WebRTC connection serving it (`Peer`) is transport only.
+When the peer goes away the session waits `grace_s` for a reconnect with its id, which resumes the
+same stream (frame index continues) instead of starting over (Scope PR #642's lesson).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from ..backends import Backend
+from ..engine.frame_stream import FrameChunk, FrameStream
+from ..engine.prompts import Transition
+from .config import ServeConfig
+from .encoder import DisplayScaler
+from .frames import Frame, FrameQueue
+from .metrics import Metrics
+from .protocol import Ack, Error, Stats, TransitionSpec
+from .worker import GenerationWorker
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    def __init__(self, sid: str, stream: FrameStream, backend: Backend, config: ServeConfig, metrics: Metrics,
+                 client_ip: str, on_closed: Callable[[Session], None]) -> None:
+        self.id = sid
+        self.stream = stream
+        self.fps = stream.fps
+        self.client_ip = client_ip
+        self.state = "connecting"  # connecting → streaming ⇄ detached → closed
+        self.paused = False
+        self.last: Frame | None = None  # the frame on screen: held while nothing newer is due
+        self.peer: Peer | None = None
+        self.deadline: float | None = None  # monotonic time by which a peer must be connected
+        self._backend, self._config, self._metrics, self._on_closed = backend, config, metrics, on_closed
+        self._loop = asyncio.get_running_loop()
+        self.queue = FrameQueue(self._loop)
+        self._ack_ids: dict[str, deque[str | int | None]] = defaultdict(deque)  # per kind: acks come in order
+        self._created = time.monotonic()
+        self._offered_at: float | None = None
+        self._first_frame_s: float | None = None
+        self._latency: deque[float] = deque(maxlen=32)
+        self._counts = dict.fromkeys(("generated", "sent", "held", "dropped"), 0)
+        self._window = (time.monotonic(), 0, 0.0)  # (start, new frames sent, sum of their ages)
+        self._worker = GenerationWorker(sid[:8], stream, self.queue, DisplayScaler(config.display_size),
+                                        config.queue_chunks, self._on_chunk, self._on_error)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    # --- transport ---------------------------------------------------------------------------
+    def attach(self, peer: Peer) -> Peer | None:
+        """Serve this session through `peer`; returns the peer it replaces (the caller closes it)."""
+        old, self.peer = self.peer, peer
+        self.state = "connecting"
+        self.deadline = time.monotonic() + self._config.connect_timeout_s
+        self._offered_at = time.monotonic()
+        return old
+
+    def on_connected(self, peer: Peer) -> None:
+        if peer is self.peer and self.state != "closed":
+            self.state, self.deadline = "streaming", None
+
+    def on_peer_lost(self, peer: Peer, why: str) -> None:
+        """The peer failed or closed: keep the stream for `grace_s` so the client can resume it."""
+        if peer is not self.peer or self.state == "closed":
+            return
+        log.info("session %s: peer lost (%s); waiting %.0f s for a reconnect", self.id, why, self._config.grace_s)
+        self.peer, self.state = None, "detached"
+        self.deadline = time.monotonic() + self._config.grace_s
+
+    def send(self, message: BaseModel) -> None:
+        if self.peer is not None:
+            self.peer.send(message)
+
+    # --- controls (event loop) -----------------------------------------------------------------
+    async def set_prompt(self, prompt: str, transition: TransitionSpec | None, msg_id: str | int | None) -> None:
+        """Queue a prompt change for the next chunk boundary; its ack comes when that chunk is made."""
+        spec = Transition(**transition.model_dump()) if transition else None
+        await self._queued("prompt", msg_id, lambda: self.stream.set_prompt(prompt, spec))  # encodes the prompt: off the loop
+
+    async def set_params(self, changes: dict[str, Any], msg_id: str | int | None) -> None:
+        await self._queued("params", msg_id, lambda: self.stream.set_params(**changes))
+
+    async def reset(self, msg_id: str | int | None) -> None:
+        await self._queued("reset", msg_id, self.stream.reset)
+
+    def pause(self, msg_id: str | int | None) -> Ack:
+        """Freeze on the frame now on screen, at once: queued frames wait (Scope PR #43: no play-out)."""
+        self.paused = True
+        return Ack(of="pause", frame=self.last.index if self.last else 0, id=msg_id)
+
+    def resume(self, msg_id: str | int | None) -> Ack:
+        self.paused = False
+        following = self.queue.peek_index()
+        return Ack(of="resume", frame=following if following is not None else (self.last.index + 1 if self.last else 0),
+                   id=msg_id)
+
+    async def _queued(self, kind: str, msg_id: str | int | None, call: Callable[[], None]) -> None:
+        self._ack_ids[kind].append(msg_id)
+        try:
+            await asyncio.to_thread(call)
+        except BaseException:
+            self._ack_ids[kind].pop()
+            raise
+
+    # --- generation thread callbacks ------------------------------------------------------------
+    def _on_chunk(self, chunk: FrameChunk, seconds: float, flushed: int) -> None:
+        self._metrics.inc("streamgen_frames_generated_total", len(chunk.frames))
+        self._metrics.observe("streamgen_chunk_latency_seconds", seconds)
+        if flushed:
+            self._metrics.inc("streamgen_frames_dropped_total", flushed, reason="reset")
+        self._loop.call_soon_threadsafe(self._chunk_done, chunk, seconds, flushed)
+
+    def _chunk_done(self, chunk: FrameChunk, seconds: float, flushed: int) -> None:
+        self._counts["generated"] += len(chunk.frames)
+        self._counts["dropped"] += flushed
+        self._latency.append(seconds)
+        for ack in chunk.acks:
+            ids = self._ack_ids[ack.of]
+            self.send(Ack(of=ack.of, frame=ack.frame, id=ids.popleft() if ids else None))
+
+    def _on_error(self, exc: BaseException) -> None:
+        log.error("session %s: generation failed", self.id, exc_info=exc)
+        message = f"generation failed: {type(exc).__name__}: {exc}"[:300]
+
+        def fail() -> None:
+            self.send(Error(message=message))
+            asyncio.ensure_future(self.close("error"))
+
+        self._loop.call_soon_threadsafe(fail)
+
+    # --- track callback ---------------------------------------------------------------------------
+    def on_sent(self, frame: Frame, new: bool, dropped: int) -> None:
+        now = time.monotonic()
+        if self._offered_at is not None:
+            self._first_frame_s = now - self._offered_at
+            self._metrics.observe("streamgen_first_frame_seconds", self._first_frame_s)
+            self._offered_at = None
+        self.last = frame
+        self._counts["sent" if new else "held"] += 1
+        self._metrics.inc("streamgen_frames_sent_total" if new else "streamgen_frames_held_total")
+        if dropped:
+            self._counts["dropped"] += dropped
+            self._metrics.inc("streamgen_frames_dropped_total", dropped, reason="late")
+        if new:
+            start, count, ages = self._window
+            self._window = (start, count + 1, ages + now - frame.born)
+
+    # --- reporting ---------------------------------------------------------------------------------
+    def stats(self) -> Stats:
+        """Since the previous call: new frames shown per second and their mean age (generation → send)."""
+        now = time.monotonic()
+        start, count, ages = self._window
+        self._window = (now, 0, 0.0)
+        return Stats(fps=round(count / max(now - start, 1e-3), 2), latency_ms=round(1000 * ages / count, 1) if count else 0.0,
+                     frame=self.last.index if self.last else -1, queue_depth=self.queue.depth, paused=self.paused)
+
+    def describe(self) -> dict[str, Any]:
+        prompt = self.stream.stream.prompt
+        return {
+            "session_id": self.id, "state": self.state, "prompt": prompt if isinstance(prompt, str) else None,
+            "paused": self.paused, "fps": self.fps, "codec": self.peer.codec if self.peer else None,
+            "frame": self.last.index if self.last else -1,
+            "queue_depth": self.queue.depth, "age_s": round(time.monotonic() - self._created, 3),
+            "first_frame_ms": round(1000 * self._first_frame_s, 1) if self._first_frame_s is not None else None,
+            "chunk_latency_ms": round(1000 * sum(self._latency) / len(self._latency), 2) if self._latency else None,
+            "frames": dict(self._counts),
+        }
+
+    async def close(self, reason: str) -> None:
+        """Stop generation, drop the peer, free the backend stream; idempotent."""
+        if self.state == "closed":
+            return
+        self.state, self.deadline = "closed", None
+        self._on_closed(self)
+        self._metrics.inc("streamgen_sessions_closed_total", reason=reason)
+        self._worker.stop()
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            await peer.close()
+        if not await asyncio.to_thread(self._worker.join, 30.0):
+            log.warning("session %s: generation thread still busy after 30 s; closing its stream anyway", self.id)
+        self._backend.close(self.stream)
+        log.info("session %s closed (%s)", self.id, reason)
