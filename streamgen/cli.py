@@ -140,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.pipeline import add_pipeline_bench_parser
 
     add_pipeline_bench_parser(bench_sub)
+    from .bench.serve import add_serve_bench_parser
+
+    add_serve_bench_parser(bench_sub)
     add_models_parser(sub)
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
 
     serve = sub.add_parser("serve", help="serve live streams over WebRTC (HTTP signaling, JSON control channel)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")

@@ -306,7 +306,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
 def add_pipeline_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     """Register `bench pipeline` on the `bench` command's subparsers."""
-    p = bench_subparsers.add_parser("pipeline", help="Ray timestep pipeline: throughput (1 vs 2 stages), busy %, "
+    p = bench_subparsers.add_parser("pipeline", help="Ray timestep pipeline: throughput (1 vs 2 stages), busy %%, "
                                                      "overhead, per-hop latency and bytes")
     p.add_argument("--model", help="a bundle name (default: a seeded random DiT of --dim/--layers/--heads/--latent)")
     p.add_argument("--dim", type=int, default=256)

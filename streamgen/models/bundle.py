@@ -47,7 +47,14 @@ def tiny_random(seed: int = 0) -> ModelBundle:
     )
 
 
-BUNDLES: dict[str, Callable[[], ModelBundle]] = {"tiny-random": tiny_random}
+def embedded() -> ModelBundle:
+    """The in-repo model trained on the procedural world (streamgen/models/embedded.py)."""
+    from .embedded import embedded_bundle  # lazy: embedded.py builds on this module
+
+    return embedded_bundle()
+
+
+BUNDLES: dict[str, Callable[[], ModelBundle]] = {"tiny-random": tiny_random, "embedded": embedded}
 DEFAULT_MODEL = "tiny-random"
 
 

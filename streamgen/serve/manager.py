@@ -9,6 +9,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from typing import Any
 
 from aiortc import RTCSessionDescription
@@ -39,6 +40,7 @@ class SessionManager:
         self.config = config
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
+        self._admitting: Counter[str] = Counter()  # offers past the per-address check, not yet sessions
         self._reaper: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -48,15 +50,19 @@ class SessionManager:
         """Answer an offer: a new session, or the one named by `session_id` (resume)."""
         if offer.session_id is not None:
             return await self._resume(offer, client_ip)
-        mine = sum(1 for s in self.sessions.values() if s.client_ip == client_ip)
+        mine = sum(1 for s in self.sessions.values() if s.client_ip == client_ip) + self._admitting[client_ip]
         if mine >= self.config.max_sessions_per_ip:
             raise Refused(429, f"this client already has {mine} sessions (limit {self.config.max_sessions_per_ip} per address); "
                                "close one (DELETE /sessions/ID) or resume it with its session_id")
         prompt = offer.prompt or self.config.prompt
-        stream = await asyncio.to_thread(self.backend.open, prompt, _overrides(offer.params))  # CapacityError, ValueError
-        session = Session(secrets.token_urlsafe(12), stream, self.backend, self.config, self.metrics, client_ip,
-                          self._forget)
-        self.sessions[session.id] = session
+        self._admitting[client_ip] += 1  # offers racing through the await below count against the limit too
+        try:
+            stream = await asyncio.to_thread(self.backend.open, prompt, _overrides(offer.params))  # CapacityError, ValueError
+            session = Session(secrets.token_urlsafe(12), stream, self.backend, self.config, self.metrics, client_ip,
+                              self._forget)
+            self.sessions[session.id] = session
+        finally:
+            self._admitting[client_ip] -= 1
         session.start()
         try:
             answer = await self._connect(session, offer.sdp)

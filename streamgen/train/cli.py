@@ -1,0 +1,110 @@
+"""`streamgen train`: train the embedded model on the procedural world (docs/embedded_model.md).
+
+Wire it in streamgen/cli.py with `add_train_parser(sub)`; it sets `func` to `cmd_train`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `train` sub-command to an argparse subparsers object."""
+    from .config import DEFAULTS as d  # torch-free: the parser costs nothing until `train` runs
+
+    p = subparsers.add_parser("train", help="train the embedded model (DeepSpeed; CPU by default)",
+                              description="Phase 1: Diffusion Forcing on world clips. Phase 2: self-forcing rollouts "
+                                          "with the world as teacher. Exports the EMA weights to OUT/embedded.safetensors.")
+    p.add_argument("--out", default=d.out, help=f"run folder: checkpoints, log.jsonl, weights, eval (default {d.out})")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    p.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("schedule")
+    g.add_argument("--phase1-steps", type=int, default=d.phase1_steps)
+    g.add_argument("--phase2-steps", type=int, default=d.phase2_steps)
+    g.add_argument("--batch", type=int, default=d.batch, help="phase-1 clips per step")
+    g.add_argument("--p2-batch", type=int, default=d.p2_batch, help="rollouts per phase-2 step")
+    g.add_argument("--p2-max-rollout", type=int, default=d.p2_max_rollout, help="most context chunks generated before the target")
+    g.add_argument("--p2-switch-prob", type=float, default=d.p2_switch_prob)
+    g.add_argument("--p2-own-prob", type=float, default=d.p2_own_prob,
+                   help="phase-2 targets denoised from the sampler's own step input instead of fresh noise")
+    g.add_argument("--p2-mix", type=float, default=d.p2_mix, help="share of phase-2 steps run as phase-1 steps")
+    g.add_argument("--switch-prob", type=float, default=d.switch_prob)
+    g.add_argument("--df-prob", type=float, default=d.df_prob, help="phase-1 clips with every chunk noisy")
+    g.add_argument("--sampler-step-prob", type=float, default=d.sampler_step_prob)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=d.lr)
+    o.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    o.add_argument("--warmup", type=int, default=d.warmup)
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    o.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    o.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    m = p.add_argument_group("model")
+    m.add_argument("--dim", type=int, help="DiT width (default: the embedded model's, 128)")
+    m.add_argument("--layers", type=int, help="DiT blocks (default 4)")
+    m.add_argument("--heads", type=int, help="attention heads (default 4)")
+    m.add_argument("--ffn-dim", type=int, help="FFN width (default 512)")
+    r = p.add_argument_group("run")
+    r.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    r.add_argument("--keep-ckpts", type=int, default=d.keep_ckpts)
+    r.add_argument("--log-every", type=int, default=d.log_every)
+    r.add_argument("--eval-every", type=int, default=d.eval_every, help="checker eval of the EMA weights every N steps")
+    r.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="streams in each eval (0: no final eval)")
+    r.add_argument("--eval-frames", type=int, default=d.eval_frames)
+    r.add_argument("--threads", type=int, default=d.threads, help="torch threads in the training process")
+    r.add_argument("--device", default=d.device, help="cpu (gloo, fp32) or cuda")
+    r.add_argument("--zero-stage", type=int, default=d.zero_stage)
+    r.add_argument("--bf16", type=_bool, default=d.bf16)
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import TrainConfig, default_model
+
+    sizes = {"dim": args.dim, "num_layers": args.layers, "num_heads": args.heads, "ffn_dim": args.ffn_dim}
+    model = {**default_model(), **{k: v for k, v in sizes.items() if v is not None}}
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return TrainConfig(**{**values, "model": model})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_summary
+    from .export import export_ema
+    from .loop import Trainer, describe
+
+    cfg = config_from_args(args)
+    out = Path(cfg.out)
+    if not args.resume and (out / "checkpoints" / "latest").is_file():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    trainer = Trainer(cfg)
+    if args.resume and trainer.load_checkpoint():
+        print(f"resumed at step {trainer.step} from {trainer.ckpt_dir}")
+    print(describe(trainer))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    start = time.perf_counter()
+    trainer.run(progress=not args.quiet)
+    print(f"trained to step {trainer.step} in {time.perf_counter() - start:.0f} s this session "
+          f"({trainer.elapsed:.0f} s of steps in total)")
+    path = export_ema(trainer, out / "embedded.safetensors")
+    print(f"exported EMA weights to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if cfg.eval_prompts:
+        result = evaluate(path, cfg.eval_prompts, cfg.eval_frames, seed=10_000)
+        (out / "eval.json").write_text(json.dumps(result, indent=2, default=str))
+        print(f"eval ({cfg.eval_prompts} streams × {cfg.eval_frames} frames): {format_summary(result['summary'])}")
+    return 0

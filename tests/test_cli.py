@@ -1,0 +1,51 @@
+"""The `streamgen` command: every subcommand's help renders, bad names give a clear error and exit 2."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from streamgen.cli import build_parser, main
+
+
+def subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                for inner_name, inner in subparsers(sub):
+                    yield f"{name} {inner_name}", inner
+
+
+def test_every_subcommand_help_renders() -> None:
+    names = []
+    for name, sub in subparsers(build_parser()):
+        assert sub.format_help()  # a '%' in a help string breaks this
+        names.append(name)
+    assert {"verify-fixture", "bench engine", "bench pipeline", "bench serve", "serve", "client", "models", "train"} <= set(names)
+
+
+def test_unknown_policy_is_a_clear_error(capsys) -> None:
+    assert main(["bench", "engine", "--policy", "lru", "--chunks", "1", "--quiet"]) == 2
+    assert "unknown cache policy 'lru'; known: deep_sink" in capsys.readouterr().err
+
+
+def test_verify_fixture_exit_codes(tmp_path, capsys) -> None:
+    assert main(["verify-fixture", "tests/fixtures/self_forcing"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["verify-fixture", str(tmp_path)]) == 2
+    assert "not a fixture folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", ["exact", "timestep-slot"])
+def test_bench_engine_saves_json(tmp_path, schedule) -> None:
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "engine", "--chunks", "4", "--schedule", schedule, "--quiet", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["chunks"] == 4 and result["kv_bytes"] > 0 and result["dit_call_ms"] > 0
+    if schedule == "exact":
+        assert result["dit_calls_per_chunk"] == 5  # 4 steps + the clean rerun
+    else:
+        assert result["dit_calls_per_chunk"] < 4  # stream batch: one forward carries every slot of a tick
