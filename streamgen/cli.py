@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_bench_parser(bench_sub)
     add_models_parser(sub)
+    from .render.cli import add_render_parser
+
+    add_render_parser(sub)
     from .train.cli import add_train_parser
 
     add_train_parser(sub)

@@ -69,8 +69,8 @@ def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
         "kv_bytes": stream.kv_bytes,
     }
     if bench.chunks > FLAT_LATE[1]:
-        early = statistics.mean(times[FLAT_EARLY[0]:FLAT_EARLY[1] + 1])
-        late = statistics.mean(times[FLAT_LATE[0]:FLAT_LATE[1] + 1])
+        early = statistics.median(times[FLAT_EARLY[0]:FLAT_EARLY[1] + 1])  # medians: one OS hiccup must not decide it
+        late = statistics.median(times[FLAT_LATE[0]:FLAT_LATE[1] + 1])
         result["flatness"] = late / early
         result["flatness_goal"] = "within 5% (0.95–1.05)"
     return result
