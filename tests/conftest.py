@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from streamgen.models.bundle import ModelBundle, load_bundle
 from streamgen.models.dit import WanDiT
 from streamgen.models.random_text import RandomTextEncoder
 from streamgen.parity.common import Fixture
@@ -22,3 +24,28 @@ def tiny_model() -> WanDiT:
 @pytest.fixture(scope="session")
 def text_encoder() -> RandomTextEncoder:
     return RandomTextEncoder(text_len=16, text_dim=32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are latency-bound: one torch thread is fastest and immune to other load on the box
+    (and equals what stage/worker actors run with, which makes distributed results bit-identical)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle() -> ModelBundle:
+    return load_bundle("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(one_thread):
+    """A real local Ray cluster for one test module (ecosystem.md §2: capped object store, no dashboard)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -31,14 +31,9 @@ LATENT = 8  # latent H = W of the fixture
 S = 16  # tokens per latent frame (8×8 latents, 2×2 patches → a 4×4 token grid)
 GRID = (4, 4)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is latency-bound; extra intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 @pytest.fixture(scope="module")

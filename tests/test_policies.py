@@ -27,6 +27,8 @@ LAYERS = 2
 CHUNK = 3
 NOISY = 0.25  # value offset of "denoise" calls; the clean rerun writes exact frame indices
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --- synthetic driver ------------------------------------------------------------------------------
 def raw_k(frames: range | list[int], layer: int) -> Tensor:
@@ -78,13 +80,6 @@ def new(name: str, **settings) -> tuple[CachePolicy, KVCache]:
     return policy, policy.allocate(LAYERS, 1, S, HEADS, HEAD_DIM)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits (badly so on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -15,46 +15,34 @@ from streamgen.backends.base import CapacityError  # noqa: E402
 from streamgen.backends.ray.pipeline import (Pipeline, PipelineConfig, PipelineFrameStream, StreamFailedError,  # noqa: E402
                                              split_steps)
 from streamgen.engine.stream import Stream  # noqa: E402
-from streamgen.models.bundle import load_bundle  # noqa: E402
 
 CHUNKS = 8
 SWITCH = ("a blue whale swimming slowly", 15)  # latent frame 15 = chunk 5: a re-cache in every slot
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # = the stage actors' threads: then the unbatched pipeline is bit-identical
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
-    torch.set_num_threads(threads)
+
+
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return load_bundle("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def pipe(cluster, bundle):
+def pipe(ray_cluster, tiny_bundle):
     p = Pipeline(PipelineConfig(model="tiny-random", stages=2, stage_resources={"num_cpus": 0.5}, threads=1,
                                 decoder_resources={"num_cpus": 0.1}, tick_timeout_s=6, ping_timeout_s=2,
-                                recover_timeout_s=60, start_timeout_s=120), bundle.dit.cfg)
+                                recover_timeout_s=60, start_timeout_s=120), tiny_bundle.dit.cfg)
     yield p
     p.shutdown()
 
 
-def local_chunks(bundle, overrides, prompt="a red fox running", switch=SWITCH, chunks=CHUNKS):
-    cfg = replace(bundle.stream, **{**overrides, "schedule": "timestep-slot"})
-    s = Stream(bundle.dit, bundle.text_encoder, cfg, prompt)
+def local_chunks(tiny_bundle, overrides, prompt="a red fox running", switch=SWITCH, chunks=CHUNKS):
+    cfg = replace(tiny_bundle.stream, **{**overrides, "schedule": "timestep-slot"})
+    s = Stream(tiny_bundle.dit, tiny_bundle.text_encoder, cfg, prompt)
     if switch:
         s.set_prompt(switch[0], at_frame=switch[1])
     return [s.next_chunk() for _ in range(chunks)]
 
 
-def pipeline_chunks(pipe, bundle, overrides, prompt="a red fox running", switch=SWITCH, chunks=CHUNKS):
-    fs = PipelineFrameStream(pipe, bundle, prompt, overrides)
+def pipeline_chunks(pipe, tiny_bundle, overrides, prompt="a red fox running", switch=SWITCH, chunks=CHUNKS):
+    fs = PipelineFrameStream(pipe, tiny_bundle, prompt, overrides)
     if switch:
         fs.set_prompt(switch[0], at_frame=switch[1])
     try:
@@ -70,10 +58,10 @@ def test_split_steps() -> None:
     assert split_steps(4, 2, [[0, 1, 2], [3]]) == [[0, 1, 2], [3]]
 
 
-def test_two_stages_equal_local_timestep_slot_with_prompt_change(pipe, bundle) -> None:
+def test_two_stages_equal_local_timestep_slot_with_prompt_change(pipe, tiny_bundle) -> None:
     """4 steps on 2 stages (2 each), batched per stage tick: same latents and acks as in process."""
-    ours = pipeline_chunks(pipe, bundle, {"seed": 3})
-    ref = local_chunks(bundle, {"seed": 3})
+    ours = pipeline_chunks(pipe, tiny_bundle, {"seed": 3})
+    ref = local_chunks(tiny_bundle, {"seed": 3})
     assert [c.index for c in ours] == list(range(CHUNKS))
     for a, r in zip(ours, ref):
         assert (a.latents - r.latents).abs().max() <= 1e-5
@@ -81,19 +69,19 @@ def test_two_stages_equal_local_timestep_slot_with_prompt_change(pipe, bundle) -
     assert any(x.of == "prompt" for c in ours for x in c.acks)
     assert ours[0].frames.dtype == torch.uint8 and ours[0].frames.shape == (3, 32, 32, 3)
     # the switch changed the stream from chunk 5 on (it is not a no-op)
-    plain = local_chunks(bundle, {"seed": 3}, switch=None)
+    plain = local_chunks(tiny_bundle, {"seed": 3}, switch=None)
     assert torch.equal(plain[4].latents, ref[4].latents) and (plain[5].latents - ref[5].latents).abs().max() > 1e-3
 
 
-def test_unbatched_pipeline_is_bit_identical(pipe, bundle) -> None:
+def test_unbatched_pipeline_is_bit_identical(pipe, tiny_bundle) -> None:
     """Same thread count in driver and stages, one forward per slot on both sides: torch.equal."""
-    ours = pipeline_chunks(pipe, bundle, {"seed": 5, "batch_slots": False})
-    ref = local_chunks(bundle, {"seed": 5, "batch_slots": False})
+    ours = pipeline_chunks(pipe, tiny_bundle, {"seed": 5, "batch_slots": False})
+    ref = local_chunks(tiny_bundle, {"seed": 5, "batch_slots": False})
     for a, r in zip(ours, ref):
         assert torch.equal(a.latents, r.latents)
 
 
-def test_uneven_steps_and_two_sessions_sharing_the_pipeline(pipe, bundle) -> None:
+def test_uneven_steps_and_two_sessions_sharing_the_pipeline(pipe, tiny_bundle) -> None:
     """3 steps on 2 stages ([0, 1], [2]) and a 4-step stream, driven from two threads at once:
     each equals its own in-process run; their chunks share stage ticks."""
     ticks_before = len(pipe.timeline)
@@ -103,7 +91,7 @@ def test_uneven_steps_and_two_sessions_sharing_the_pipeline(pipe, bundle) -> Non
 
     def drive(name: str) -> None:
         overrides, prompt = specs[name]
-        out[name] = pipeline_chunks(pipe, bundle, overrides, prompt, switch=None, chunks=6)
+        out[name] = pipeline_chunks(pipe, tiny_bundle, overrides, prompt, switch=None, chunks=6)
 
     threads = [threading.Thread(target=drive, args=(n,)) for n in specs]
     for t in threads:
@@ -111,28 +99,28 @@ def test_uneven_steps_and_two_sessions_sharing_the_pipeline(pipe, bundle) -> Non
     for t in threads:
         t.join(120)
     for name, (overrides, prompt) in specs.items():
-        ref = local_chunks(bundle, overrides, prompt, switch=None, chunks=6)
+        ref = local_chunks(tiny_bundle, overrides, prompt, switch=None, chunks=6)
         for a, r in zip(out[name], ref):
             assert (a.latents - r.latents).abs().max() <= 1e-5
     shared = [t["sessions"] for t in list(pipe.timeline)[ticks_before:]]
     assert max(shared) == 2  # at least one tick carried both sessions' work
 
 
-def test_admission_is_memory_budgeted(pipe, bundle) -> None:
+def test_admission_is_memory_budgeted(pipe, tiny_bundle) -> None:
     saved = pipe.cfg.kv_budget_bytes
     pipe.cfg.kv_budget_bytes = 1024
     try:
         with pytest.raises(CapacityError, match="KV budget"):
-            PipelineFrameStream(pipe, bundle, "a red fox", {})
+            PipelineFrameStream(pipe, tiny_bundle, "a red fox", {})
     finally:
         pipe.cfg.kv_budget_bytes = saved
     with pytest.raises(ValueError, match="timestep-slot"):
-        PipelineFrameStream(pipe, bundle, "a red fox", {"schedule": "exact"})
+        PipelineFrameStream(pipe, tiny_bundle, "a red fox", {"schedule": "exact"})
 
 
-def test_killed_stage_is_replaced_and_streams_resume(pipe, bundle) -> None:
-    a = PipelineFrameStream(pipe, bundle, "a red fox running", {"seed": 3})
-    b = PipelineFrameStream(pipe, bundle, "a green frog jumping", {"seed": 4})
+def test_killed_stage_is_replaced_and_streams_resume(pipe, tiny_bundle) -> None:
+    a = PipelineFrameStream(pipe, tiny_bundle, "a red fox running", {"seed": 3})
+    b = PipelineFrameStream(pipe, tiny_bundle, "a green frog jumping", {"seed": 4})
     try:
         for _ in range(5):
             a.next()
@@ -152,16 +140,16 @@ def test_killed_stage_is_replaced_and_streams_resume(pipe, bundle) -> None:
         assert [c.index for c in rest] == [6, 7, 8] and all(c.stall is None for c in rest)
         assert all(torch.isfinite(c.latents).all() for c in rest)
         # resumed from re-cached KV: close to, not equal to, the uninterrupted stream
-        ref = local_chunks(bundle, {"seed": 3}, switch=None, chunks=9)
+        ref = local_chunks(tiny_bundle, {"seed": 3}, switch=None, chunks=9)
         assert (rest[-1].latents - ref[8].latents).abs().max() < 0.5
     finally:
         a.close()
         b.close()
 
 
-def test_hung_stage_times_out_and_is_replaced(pipe, bundle) -> None:
+def test_hung_stage_times_out_and_is_replaced(pipe, tiny_bundle) -> None:
     """A stage stuck past the tick timeout is killed and replaced: next() returns, it never hangs."""
-    fs = PipelineFrameStream(pipe, bundle, "a red fox running", {"seed": 7})
+    fs = PipelineFrameStream(pipe, tiny_bundle, "a red fox running", {"seed": 7})
     try:
         for _ in range(3):
             fs.next()
@@ -177,12 +165,12 @@ def test_hung_stage_times_out_and_is_replaced(pipe, bundle) -> None:
         fs.close()
 
 
-def test_unrecoverable_failure_raises_clearly(cluster, bundle) -> None:
+def test_unrecoverable_failure_raises_clearly(ray_cluster, tiny_bundle) -> None:
     """If a dead stage cannot be replaced, next() raises StreamFailedError instead of hanging."""
     p = Pipeline(PipelineConfig(model="tiny-random", stages=1, stage_resources={"num_cpus": 0.25}, threads=1,
                                 decoder_resources={"num_cpus": 0.05}, tick_timeout_s=5, ping_timeout_s=1,
-                                recover_timeout_s=1), bundle.dit.cfg)
-    fs = PipelineFrameStream(p, bundle, "a red fox", {})
+                                recover_timeout_s=1), tiny_bundle.dit.cfg)
+    fs = PipelineFrameStream(p, tiny_bundle, "a red fox", {})
     try:
         fs.next()
         p._make_actor = lambda i: (_ for _ in ()).throw(RuntimeError("no room to re-create the actor"))
@@ -197,7 +185,7 @@ def test_unrecoverable_failure_raises_clearly(cluster, bundle) -> None:
         p.shutdown()
 
 
-def test_params_and_reset_mid_stream_match_local(pipe, bundle) -> None:
+def test_params_and_reset_mid_stream_match_local(pipe, tiny_bundle) -> None:
     """Seed and step values changed mid-stream, then a reset: controls stay in the driver-side
     Stream, new step values reach every stage in the same tick as in process."""
     def drive(next_chunk, stream):
@@ -210,13 +198,13 @@ def test_params_and_reset_mid_stream_match_local(pipe, bundle) -> None:
             out.append(next_chunk())
         return out
 
-    fs = PipelineFrameStream(pipe, bundle, "a red fox running", {"seed": 3})
+    fs = PipelineFrameStream(pipe, tiny_bundle, "a red fox running", {"seed": 3})
     try:
         ours = drive(fs.next, fs)
     finally:
         fs.close()
-    cfg = replace(bundle.stream, schedule="timestep-slot", seed=3)
-    s = Stream(bundle.dit, bundle.text_encoder, cfg, "a red fox running")
+    cfg = replace(tiny_bundle.stream, schedule="timestep-slot", seed=3)
+    s = Stream(tiny_bundle.dit, tiny_bundle.text_encoder, cfg, "a red fox running")
     ref = drive(s.next_chunk, s)
     assert [c.index for c in ours] == [c.index for c in ref] == [0, 1, 2, 3, 4, 0, 1, 2, 3]
     for a, r in zip(ours, ref):
@@ -225,9 +213,9 @@ def test_params_and_reset_mid_stream_match_local(pipe, bundle) -> None:
     assert len(pipe.sessions) == 0 or fs.execution.session.sid not in pipe.sessions
 
 
-def test_decoder_killed_during_a_tick(pipe, bundle) -> None:
+def test_decoder_killed_during_a_tick(pipe, tiny_bundle) -> None:
     """Killed while chunks are in flight (a timer fires inside next()): no chunk lost or repeated."""
-    fs = PipelineFrameStream(pipe, bundle, "a red fox running", {"seed": 8})
+    fs = PipelineFrameStream(pipe, tiny_bundle, "a red fox running", {"seed": 8})
     try:
         indices = [fs.next().index for _ in range(3)]
         threading.Timer(0.003, ray.kill, [pipe.decoder]).start()
@@ -237,19 +225,19 @@ def test_decoder_killed_during_a_tick(pipe, bundle) -> None:
         fs.close()
 
 
-def test_blend_transition_ships_each_context_once(pipe, bundle) -> None:
+def test_blend_transition_ships_each_context_once(pipe, tiny_bundle) -> None:
     """A blend makes a new context every chunk: each reaches the stages once, results match local."""
     from streamgen.engine.prompts import Transition
 
     blend = Transition("blend", chunks=3, interpolation="slerp")
-    fs = PipelineFrameStream(pipe, bundle, "a red fox running", {"seed": 11})
+    fs = PipelineFrameStream(pipe, tiny_bundle, "a red fox running", {"seed": 11})
     fs.set_prompt("a blue whale swimming", blend, at_frame=9)
     try:
         ours = [fs.next() for _ in range(8)]
     finally:
         fs.close()
-    cfg = replace(bundle.stream, schedule="timestep-slot", seed=11)
-    s = Stream(bundle.dit, bundle.text_encoder, cfg, "a red fox running")
+    cfg = replace(tiny_bundle.stream, schedule="timestep-slot", seed=11)
+    s = Stream(tiny_bundle.dit, tiny_bundle.text_encoder, cfg, "a red fox running")
     s.set_prompt("a blue whale swimming", blend, at_frame=9)
     ref = [s.next_chunk() for _ in range(8)]
     for a, r in zip(ours, ref):

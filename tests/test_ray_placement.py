@@ -14,40 +14,28 @@ from streamgen.backends.base import CapacityError  # noqa: E402
 from streamgen.backends.ray.backend import RayBackend  # noqa: E402
 from streamgen.backends.ray.placement import PlacementConfig, capture, restore  # noqa: E402
 from streamgen.engine.frame_stream import FrameStream  # noqa: E402
-from streamgen.models.bundle import load_bundle  # noqa: E402
+
+
+
+
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # = the workers' threads: the streams are then bit-identical
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def backend(cluster, bundle):
-    be = RayBackend(bundle, "placement", address=None,
+def backend(ray_cluster, tiny_bundle):
+    be = RayBackend(tiny_bundle, "placement", address=None,
                     placement=PlacementConfig(model="tiny-random", workers=2, worker_resources={"num_cpus": 0.5}, threads=1,
                                               call_timeout_s=10, recover_timeout_s=60))
     yield be
     be.shutdown()
 
 
-def test_placed_streams_equal_local_streams(backend, bundle) -> None:
+def test_placed_streams_equal_local_streams(backend, tiny_bundle) -> None:
     a = backend.open("a red fox running", {"seed": 3})
     b = backend.open("a green frog jumping", {"seed": 4, "policy": "window_sink"})
     try:
         assert a.worker.index != b.worker.index  # least loaded: one stream per worker
-        ra = FrameStream(bundle, "a red fox running", {"seed": 3})
-        rb = FrameStream(bundle, "a green frog jumping", {"seed": 4, "policy": "window_sink"})
+        ra = FrameStream(tiny_bundle, "a red fox running", {"seed": 3})
+        rb = FrameStream(tiny_bundle, "a green frog jumping", {"seed": 4, "policy": "window_sink"})
         for i in range(6):
             if i == 3:
                 a.set_prompt("a blue whale swimming")
@@ -82,12 +70,12 @@ def test_bad_prompt_and_capacity_are_refused(backend) -> None:
         backend.close(s)
 
 
-def test_drain_moves_streams_which_continue_like_a_local_resume(backend, bundle) -> None:
+def test_drain_moves_streams_which_continue_like_a_local_resume(backend, tiny_bundle) -> None:
     """After drain the stream continues at the next chunk; what it produces is exactly a local stream
     resumed (re-cache from the same recent latents) at that point: the move is deterministic."""
     s = backend.open("a red fox running", {"seed": 5})
     try:
-        ref = FrameStream(bundle, "a red fox running", {"seed": 5})
+        ref = FrameStream(tiny_bundle, "a red fox running", {"seed": 5})
         for _ in range(5):
             assert torch.equal(s.next().latents, ref.next().latents)
         source = s.worker.index
@@ -100,7 +88,7 @@ def test_drain_moves_streams_which_continue_like_a_local_resume(backend, bundle)
         assert [a.of for a in chunk.acks] == ["prompt"]
         # the same resume, locally
         snap = capture(ref.stream, 0, None)
-        local = FrameStream(bundle, "a red fox running", {"seed": 5})
+        local = FrameStream(tiny_bundle, "a red fox running", {"seed": 5})
         restore(local.stream, snap, list(ref.stream.execution.recent.chunks))
         local.stream.set_prompt("a blue whale swimming")
         assert torch.equal(chunk.latents, local.next().latents)

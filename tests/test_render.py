@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from streamgen.backends import LocalBackend
-from streamgen.models.bundle import load_bundle
 from streamgen.render.cli import add_render_parser
 from streamgen.render.job import (
     RenderJob,
@@ -34,19 +33,11 @@ from streamgen.render.writer import load_latents, output_size, parse_size
 
 MODEL = "tiny-random"  # 32×32 frames, 16 fps, 1 video frame per latent frame, 3-frame chunks
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny model: one torch thread is fastest and immune to other processes on the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle(MODEL)
+
+
 
 
 def render_cli(*argv: str) -> int:
@@ -57,8 +48,8 @@ def render_cli(*argv: str) -> int:
     return args.func(args)
 
 
-def render_latents(bundle, timeline, seconds=1.0, **job) -> tuple[torch.Tensor, object]:
-    backend = LocalBackend(bundle)
+def render_latents(tiny_bundle, timeline, seconds=1.0, **job) -> tuple[torch.Tensor, object]:
+    backend = LocalBackend(tiny_bundle)
     out = job.pop("latents_out")
     result = run_job(RenderJob(timeline=timeline, seconds=seconds, latents_out=out, **job), backend)
     return load_latents(out)[0], result
@@ -76,22 +67,22 @@ def decode(path: Path) -> tuple[list, av.video.stream.VideoStream]:
 
 # --- the MP4 ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seconds,size,fps,expect_size", [(1.0, "64", None, (64, 64)), (0.7, "48x32", "24", (48, 32))])
-def test_render_writes_valid_mp4(tmp_path, bundle, capsys, seconds, size, fps, expect_size):
+def test_render_writes_valid_mp4(tmp_path, tiny_bundle, capsys, seconds, size, fps, expect_size):
     out = tmp_path / "out.mp4"
     lat = tmp_path / "lat.safetensors"
     rc = render_cli("--prompt", "a red fox", "--seconds", str(seconds), "--size", size, "-o", str(out),
                     "--latents-out", str(lat), "--model", MODEL, "--quiet", *(["--fps", fps] if fps else []))
     assert rc == 0
     frames, info = decode(out)
-    n = round(seconds * bundle.fps)  # model fps: 16 and 11 frames (the last chunk trimmed)
+    n = round(seconds * tiny_bundle.fps)  # model fps: 16 and 11 frames (the last chunk trimmed)
     assert len(frames) == n
     assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p"
     assert (info["width"], info["height"]) == expect_size and expect_size[0] % 2 == 0 == expect_size[1] % 2
-    assert float(info["rate"]) == float(fps or bundle.fps)
+    assert float(info["rate"]) == float(fps or tiny_bundle.fps)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lat.safetensors", "out.mp4"]  # no partial files left
     # The pictures are the rendered frames, in order: decode the saved latents and scale them the same way.
     latents, _ = load_latents(lat)
-    expected = bundle.decoder().push(latents)[0][:n]
+    expected = tiny_bundle.decoder().push(latents)[0][:n]
     if expect_size == (64, 64):  # nearest 2× upscale
         expected = expected.repeat_interleave(2, 1).repeat_interleave(2, 2)
         err = (torch.from_numpy(np.stack(frames)).float() - expected.float()).abs().mean(dim=(1, 2, 3))
@@ -110,10 +101,10 @@ def test_render_writes_valid_mp4(tmp_path, bundle, capsys, seconds, size, fps, e
 
 # --- timeline switches, latents file --------------------------------------------------------------
 @pytest.mark.parametrize("schedule", ["exact", "timestep-slot"])
-def test_timeline_switch_lands_at_chunk_boundary(tmp_path, bundle, schedule):
+def test_timeline_switch_lands_at_chunk_boundary(tmp_path, tiny_bundle, schedule):
     timeline = [TimelineEntry(0.0, "a red fox"), TimelineEntry(0.5, "a blue bird")]
-    switched, result = render_latents(bundle, timeline, seed=5, schedule=schedule, latents_out=tmp_path / "a.safetensors")
-    single, _ = render_latents(bundle, single_prompt("a red fox"), seed=5, schedule=schedule,
+    switched, result = render_latents(tiny_bundle, timeline, seed=5, schedule=schedule, latents_out=tmp_path / "a.safetensors")
+    single, _ = render_latents(tiny_bundle, single_prompt("a red fox"), seed=5, schedule=schedule,
                                latents_out=tmp_path / "b.safetensors")
     # 0.5 s = video frame 8 = latent frame 8 → the first chunk starting at or after it: chunk 3, frame 9
     s = result.switches[1]
@@ -123,7 +114,7 @@ def test_timeline_switch_lands_at_chunk_boundary(tmp_path, bundle, schedule):
     assert (switched[:, 9:] - single[:, 9:]).abs().amax(dim=(0, 2, 3, 4)).min() > 1e-3  # every frame after differs
 
 
-def test_timeline_cli_latents_file(tmp_path, bundle, capsys):
+def test_timeline_cli_latents_file(tmp_path, tiny_bundle, capsys):
     tl = tmp_path / "story.yaml"
     tl.write_text("- at: 0\n  prompt: a red fox\n- at: 0.4\n  prompt: night falls\n"
                   "  transition: {kind: blend, chunks: 2, interpolation: slerp}\n")
@@ -140,12 +131,12 @@ def test_timeline_cli_latents_file(tmp_path, bundle, capsys):
     assert "0.4 s 'night falls' (blend) → frame 9" in out  # 0.4 s = frame 6.4 → 7 → chunk 3
 
 
-def test_wan_like_frame_mapping(tmp_path, bundle):
+def test_wan_like_frame_mapping(tmp_path, tiny_bundle):
     """A decoder with the Wan VAE's counts (1 video frame for latent 0, then 4 per latent): the switch
     maps through `video_frame`, the frame count is exact and the last chunk is trimmed."""
     class WanLike:
         def __init__(self):
-            self.inner, self.seen = bundle.decoder(), 0
+            self.inner, self.seen = tiny_bundle.decoder(), 0
 
         def reset(self):
             self.seen = 0
@@ -159,7 +150,7 @@ def test_wan_like_frame_mapping(tmp_path, bundle):
             self.seen += latents.shape[1]
             return frames.repeat_interleave(reps, dim=1)
 
-    wan = dataclasses.replace(bundle, decoder=WanLike)
+    wan = dataclasses.replace(tiny_bundle, decoder=WanLike)
     timeline = [TimelineEntry(0.0, "a red fox"), TimelineEntry(0.5, "a blue bird")]
     out = tmp_path / "wan.mp4"
     result = run_job(RenderJob(timeline, 1.0, out=out), LocalBackend(wan))
@@ -171,15 +162,15 @@ def test_wan_like_frame_mapping(tmp_path, bundle):
 
 
 # --- determinism -----------------------------------------------------------------------------------
-def test_same_seed_same_latents_and_slot_batching(tmp_path, bundle):
+def test_same_seed_same_latents_and_slot_batching(tmp_path, tiny_bundle):
     tl = [TimelineEntry(0.0, "a red fox"), TimelineEntry(0.3, "a blue bird")]
-    a, _ = render_latents(bundle, tl, seconds=0.75, seed=3, latents_out=tmp_path / "a.safetensors")
-    b, _ = render_latents(bundle, tl, seconds=0.75, seed=3, latents_out=tmp_path / "b.safetensors")
-    c, _ = render_latents(bundle, tl, seconds=0.75, seed=4, latents_out=tmp_path / "c.safetensors")
+    a, _ = render_latents(tiny_bundle, tl, seconds=0.75, seed=3, latents_out=tmp_path / "a.safetensors")
+    b, _ = render_latents(tiny_bundle, tl, seconds=0.75, seed=3, latents_out=tmp_path / "b.safetensors")
+    c, _ = render_latents(tiny_bundle, tl, seconds=0.75, seed=4, latents_out=tmp_path / "c.safetensors")
     assert torch.equal(a, b) and not torch.allclose(a, c)
-    batched, _ = render_latents(bundle, tl, seconds=0.75, seed=3, schedule="timestep-slot",
+    batched, _ = render_latents(tiny_bundle, tl, seconds=0.75, seed=3, schedule="timestep-slot",
                                 latents_out=tmp_path / "d.safetensors")
-    unbatched, _ = render_latents(bundle, tl, seconds=0.75, seed=3, schedule="timestep-slot", batch_slots=False,
+    unbatched, _ = render_latents(tiny_bundle, tl, seconds=0.75, seed=3, schedule="timestep-slot", batch_slots=False,
                                   latents_out=tmp_path / "e.safetensors")
     assert (batched - unbatched).abs().max() <= 1e-5
 
@@ -216,14 +207,14 @@ def test_bad_timeline_exit_2_with_line(tmp_path, capsys, name, text, line, reaso
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing written
 
 
-def test_prompt_refused_by_model_names_its_entry(tmp_path, bundle):
+def test_prompt_refused_by_model_names_its_entry(tmp_path, tiny_bundle):
     class Strict:  # a model whose encoder refuses some prompts (like the embedded model's grammar)
         def encode(self, prompt):
             if "purple" in prompt:
                 raise ValueError("unknown colour 'purple'")
-            return bundle.text_encoder.encode(prompt)
+            return tiny_bundle.text_encoder.encode(prompt)
 
-    strict = dataclasses.replace(bundle, text_encoder=Strict())
+    strict = dataclasses.replace(tiny_bundle, text_encoder=Strict())
     text = "- at: 0\n  prompt: a red fox\n- at: 0.5\n  prompt: a purple fox\n"
     for timeline, line, index in [(text, 3, 1), (text.replace("red", "purple"), 1, 0)]:
         job = RenderJob(parse_timeline(timeline, "s.yaml"), 1.0, out=tmp_path / "o.mp4", source="s.yaml")
@@ -233,7 +224,7 @@ def test_prompt_refused_by_model_names_its_entry(tmp_path, bundle):
         assert list(tmp_path.iterdir()) == []
 
 
-def test_failing_render_leaves_nothing(tmp_path, bundle):
+def test_failing_render_leaves_nothing(tmp_path, tiny_bundle):
     class Failing(LocalBackend):
         def open(self, prompt, overrides=None):
             stream = super().open(prompt, overrides)
@@ -249,7 +240,7 @@ def test_failing_render_leaves_nothing(tmp_path, bundle):
 
     job = RenderJob(single_prompt("a"), 1.0, out=tmp_path / "o.mp4", latents_out=tmp_path / "o.safetensors")
     with pytest.raises(RuntimeError, match="stage died"):
-        run_job(job, Failing(bundle))
+        run_job(job, Failing(tiny_bundle))
     assert list(tmp_path.iterdir()) == []
 
 
