@@ -894,7 +894,7 @@ def render_list(specs: list[FamilySpec]) -> str:
 
 
 def render_show(spec: FamilySpec) -> str:
-    a, v, s, f = spec.architecture, spec.video, spec.stream, spec.files
+    a, v, s = spec.architecture, spec.video, spec.stream
     cfg = spec.dit_config()
     shapes = expected_dit_shapes(cfg)
     params = sum(math.prod(x) for x in shapes.values())

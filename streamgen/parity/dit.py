@@ -2,7 +2,6 @@
 and checkpoint loading — run once per weight file, so the envelope choice is checked end to end."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import Tensor
