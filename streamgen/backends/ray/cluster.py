@@ -53,7 +53,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Ray cluster to join: auto (join the running one, else start locally), local, host:port, ray://…")
     g.add_argument("--ray-mode", choices=("tpp", "placement"), default="tpp",
                    help="tpp: denoising steps split across stage actors; placement: whole streams on worker actors")
-    g.add_argument("--ray-stages", type=int, default=2, help="tpp: stage actors per pipeline")
+    g.add_argument("--ray-stages", "--stages", type=int, default=2, help="tpp: stage actors per pipeline")
     g.add_argument("--ray-pipelines", type=int, default=1, help="tpp: pipelines (each its own placement group)")
     g.add_argument("--ray-workers", type=int, default=2, help="placement: worker actors")
     g.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per stage / worker actor")
