@@ -56,7 +56,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-stages", "--stages", type=int, default=2, help="tpp: stage actors per pipeline")
     g.add_argument("--ray-pipelines", type=int, default=1, help="tpp: pipelines (each its own placement group)")
     g.add_argument("--ray-workers", type=int, default=2, help="placement: worker actors")
-    g.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per stage / worker actor")
+    g.add_argument("--ray-cpus", type=float, help="CPUs per stage / worker actor (default: what fits the cluster, at most 1)")
     g.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per stage / worker actor")
     g.add_argument("--ray-kv-budget-gb", type=float, default=2.0, help="KV budget per stage / worker (GiB)")
     g.add_argument("--ray-max-sessions", type=int, help="streams per pipeline / worker (default: --max-sessions)")
@@ -64,7 +64,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_backend(bundle, backend: str = "local", *, max_streams: int = 4, ray_address: str | None = "auto",
                  ray_mode: str = "tpp", ray_stages: int = 2, ray_pipelines: int = 1, ray_workers: int = 2,
-                 ray_cpus: float = 1.0, ray_gpus: float = 0.0, ray_kv_budget_gb: float = 2.0,
+                 ray_cpus: float | None = None, ray_gpus: float = 0.0, ray_kv_budget_gb: float = 2.0,
                  ray_max_sessions: int | None = None):
     """The backend a server or render job asked for: `LocalBackend(bundle, max_streams)` or a
     `RayBackend` joined to (or starting) the cluster at `ray_address`."""
@@ -78,6 +78,11 @@ def make_backend(bundle, backend: str = "local", *, max_streams: int = 4, ray_ad
     from .pipeline import PipelineConfig
     from .placement import PlacementConfig
 
+    if ray_cpus is None:  # fit the actors on the cluster's CPUs (at most one each) rather than wait forever
+        cluster_cpus = connect(ray_address)["resources"].get("CPU", 1.0)
+        actors = ray_stages * ray_pipelines if ray_mode == "tpp" else ray_workers
+        decoders = 0.1 * ray_pipelines if ray_mode == "tpp" else 0.0
+        ray_cpus = max(0.1, min(1.0, (cluster_cpus - decoders) / actors))
     res: dict[str, Any] = {"num_cpus": ray_cpus, **({"num_gpus": ray_gpus} if ray_gpus else {})}
     budget = int(ray_kv_budget_gb * 1024**3)
     sessions = ray_max_sessions or max_streams
