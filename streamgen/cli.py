@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)  # one line per ICE check otherwise
-    given = {"model": args.model, "prompt": args.prompt}
+    given = {"model": args.model, "prompt": args.prompt, "model_dir": args.model_dir}
     config = ServeConfig(host=args.host, port=args.port, max_sessions=args.max_sessions,
                          max_sessions_per_ip=args.max_sessions_per_ip, token=args.token, ice_servers=args.ice_server,
                          display_size=args.display_size, codec=args.codec, bitrate=args.bitrate, grace_s=args.grace,
@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve live streams over WebRTC (HTTP signaling, JSON control channel)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    serve.add_argument("--model", help="model bundle name (default: the bundle registry's default)")
+    serve.add_argument("--model", help="built-in bundle or model family (default: the bundle registry's default)")
+    serve.add_argument("--model-dir", help="local files of a model family (see `streamgen models show NAME`)")
     serve.add_argument("--prompt", help="prompt for sessions whose offer carries none")
     serve.add_argument("--max-sessions", type=int, default=4)
     serve.add_argument("--max-sessions-per-ip", type=int, default=2)

@@ -49,3 +49,15 @@ def test_bench_engine_saves_json(tmp_path, schedule) -> None:
         assert result["dit_calls_per_chunk"] == 5  # 4 steps + the clean rerun
     else:
         assert result["dit_calls_per_chunk"] < 4  # stream batch: one forward carries every slot of a tick
+
+
+def test_real_family_needs_a_checked_model_dir(tmp_path, capsys) -> None:
+    """`--model FAMILY` selects the family's settings; missing files are named before any work starts."""
+    out = tmp_path / "x.mp4"
+    assert main(["render", "--model", "longlive", "--prompt", "a fox", "--seconds", "1", "-o", str(out)]) == 2
+    assert "needs --model-dir" in capsys.readouterr().err
+    assert main(["render", "--model", "longlive", "--model-dir", str(tmp_path), "--prompt", "a fox", "--seconds", "1",
+                 "-o", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "LongLive needs models/lora.pt" in err and "models_t5_umt5-xxl-enc-bf16.pth" in err
+    assert not out.exists()

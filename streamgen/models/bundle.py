@@ -58,7 +58,19 @@ BUNDLES: dict[str, Callable[[], ModelBundle]] = {"tiny-random": tiny_random, "em
 DEFAULT_MODEL = "tiny-random"
 
 
-def load_bundle(name: str = DEFAULT_MODEL) -> ModelBundle:
-    if name not in BUNDLES:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(BUNDLES))}")
-    return BUNDLES[name]()
+def load_bundle(name: str = DEFAULT_MODEL, model_dir: str | None = None) -> ModelBundle:
+    """A built-in bundle by name, or a real model family (configs/models/NAME.yaml) from `model_dir`;
+    a family's files are checked (names, keys, shapes) before anything is loaded."""
+    if name in BUNDLES and model_dir is None:
+        return BUNDLES[name]()
+    from .registry import family_files
+
+    families = family_files()
+    if name not in families:
+        raise ValueError(f"unknown model {name!r}; built in: {', '.join(sorted(BUNDLES))}; "
+                         f"families (need --model-dir): {', '.join(sorted(families))}")
+    if model_dir is None:
+        raise ValueError(f"model family {name!r} needs --model-dir DIR (a local download; see `streamgen models show {name}`)")
+    from .real import load_family
+
+    return load_family(name, model_dir, device="cuda" if torch.cuda.is_available() else "cpu")

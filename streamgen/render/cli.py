@@ -71,7 +71,8 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--seconds", type=_positive(float), default=DEFAULT_SECONDS,
                       help=f"length in model time: round(seconds × model fps) frames are written (default {DEFAULT_SECONDS:g})")
     what.add_argument("--seed", type=int, help="noise seed (default: the model's, 0)")
-    what.add_argument("--model", help="model bundle (default: the registry's default)")
+    what.add_argument("--model", help="built-in bundle or model family (default: the registry's default)")
+    what.add_argument("--model-dir", help="local files of a model family (see `streamgen models show NAME`)")
     what.add_argument("--schedule", choices=("exact", "timestep-slot"),
                       help="default: the model's (ray tpp: timestep-slot); the same seed gives the same latents per schedule")
     what.add_argument("--unbatched", action="store_true", help="timestep-slot: run the slots one by one (same latents)")
@@ -144,7 +145,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     backend = None
     bar = None
     try:
-        bundle = load_bundle(args.model or DEFAULT_MODEL)
+        bundle = load_bundle(args.model or DEFAULT_MODEL, args.model_dir)
         backend = backend_from_args(args, bundle, max_streams=1)
         bar = tqdm(total=frame_count(job.seconds, bundle.fps), unit="frame", desc="render", disable=args.quiet,
                    dynamic_ncols=True, file=sys.stderr)

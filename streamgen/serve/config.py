@@ -16,6 +16,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless told otherwise: the API has no TLS of its own
     port: int = 8080  # 0 picks a free port (tests)
     model: str = DEFAULT_MODEL
+    model_dir: str | None = None  # a real model family's local files (see `streamgen models show NAME`)
     prompt: str = "a calm lake at dawn"  # used when an offer carries none
     max_sessions: int = 4
     max_sessions_per_ip: int = 2
