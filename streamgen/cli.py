@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
+    from .world.evaluate_cli import add_eval_parser
+
+    add_eval_parser(sub)
 
     serve = sub.add_parser("serve", help="serve live streams over WebRTC (HTTP signaling, JSON control channel)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")

@@ -22,7 +22,7 @@ def test_every_subcommand_help_renders() -> None:
     for name, sub in subparsers(build_parser()):
         assert sub.format_help()  # a '%' in a help string breaks this
         names.append(name)
-    assert {"verify-fixture", "bench engine", "bench pipeline", "bench serve", "serve", "client", "models", "train", "render"} <= set(names)
+    assert {"verify-fixture", "bench engine", "bench pipeline", "bench serve", "serve", "client", "models", "train", "render", "eval"} <= set(names)
 
 
 def test_unknown_policy_is_a_clear_error(capsys) -> None:
