@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .bench.results import parse_hw
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -15,14 +16,6 @@ def _setting(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     return key, yaml.safe_load(value)
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected HxW, got {text!r}") from exc
-    return h, w
 
 
 def cmd_verify_fixture(args: argparse.Namespace) -> int:
@@ -43,6 +36,7 @@ def cmd_verify_fixture(args: argparse.Namespace) -> int:
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from .bench import engine
+    from .bench.results import save_result
     from .engine.stream import StreamConfig
     from .models.config import DiTConfig
     from .models.registry import bench_setup_from_args
@@ -63,8 +57,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     result = engine.run(engine.EngineBench(model, stream, args.chunks, args.threads, args.seed), progress=not args.quiet)
     print(engine.render(result))
     tag = f"{args.model}-" if args.model else ""
-    out = args.out or Path("bench-results") / f"engine-{tag}{stream.policy}-{stream.schedule}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    print(f"saved {engine.save(result, out)}")
+    print(f"saved {save_result(result, args.out, f'engine-{tag}{stream.policy}-{stream.schedule}')}")
     return 0
 
 
@@ -104,7 +97,10 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends.ray.cluster import add_ray_arguments
-    from .models.registry import add_bench_model_options, add_models_parser  # light: imports no torch
+    from .models.registry import (  # light: imports no torch
+        add_bench_model_options,
+        add_models_parser,
+    )
 
     parser = argparse.ArgumentParser(prog="streamgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--ffn-dim", type=int)
     eng.add_argument("--heads", type=int, help="default 2; with --model dim / head size")
     eng.add_argument("--layers", type=int, help="default 2; with --model the family's (30 for Wan2.1-1.3B)")
-    eng.add_argument("--latent", type=_size, default=(8, 8), help="latent HxW (tokens/frame = H·W/4)")
+    eng.add_argument("--latent", type=parse_hw, default=(8, 8), help="latent HxW (tokens/frame = H·W/4)")
     eng.add_argument("--seed", type=int, default=0)
     eng.add_argument("--out", type=Path)
     eng.add_argument("--quiet", action="store_true")

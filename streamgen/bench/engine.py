@@ -2,12 +2,10 @@
 (cost of chunks 1000–1010 over chunks 10–20) of one stream on a random-weight model."""
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,9 +86,3 @@ def render(result: dict[str, Any]) -> str:
              f"sampler={result['stream']['sampler']} threads={result['machine']['threads']} chunks={result['chunks']}"]
     lines += [f"  {k:<26} {result[k]:.4g}" if isinstance(result[k], float) else f"  {k:<26} {result[k]}" for k in keys if k in result]
     return "\n".join(lines)
-
-
-def save(result: dict[str, Any], out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return out

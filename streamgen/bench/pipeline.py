@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .results import parse_hw, save_result
 
 MB = 1024 * 1024
 
@@ -87,7 +88,12 @@ def run_local(bundle, overrides: dict[str, Any], chunks: int, warmup: int, threa
 def run_pipeline(bundle, recipe, stages: int, sessions: int, chunks: int, warmup: int, overrides: dict[str, Any],
                  cpus_per_stage: float, threads: int, batched: bool = True) -> dict[str, Any]:
     """One pipeline with `stages` stages and `sessions` streams, each driven by its own thread."""
-    from ..backends.ray.pipeline import Pipeline, PipelineConfig, PipelineFrameStream, split_steps
+    from ..backends.ray.pipeline import (
+        Pipeline,
+        PipelineConfig,
+        PipelineFrameStream,
+        split_steps,
+    )
 
     cfg = PipelineConfig(model=recipe, stages=stages, stage_resources={"num_cpus": cpus_per_stage}, threads=threads,
                          decoder_resources={"num_cpus": 0.05}, batched=batched, max_sessions=max(16, sessions))
@@ -285,22 +291,10 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save(result: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str))
-    return path
-
-
-def _size(text: str) -> tuple[int, int]:
-    h, w = (int(v) for v in text.lower().split("x"))
-    return h, w
-
-
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     result = run(args)
     print(render(result))
-    out = args.out or Path("bench-results") / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    print(f"saved {save(result, out)}")
+    print(f"saved {save_result(result, args.out, 'pipeline')}")
     return 0
 
 
@@ -312,7 +306,7 @@ def add_pipeline_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--latent", type=_size, default=(16, 16), help="latent HxW")
+    p.add_argument("--latent", type=parse_hw, default=(16, 16), help="latent HxW")
     p.add_argument("--policy", default="ema_sink")
     p.add_argument("--steps", type=float, nargs="+", help="denoising steps (default: the bundle's, 4)")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2])

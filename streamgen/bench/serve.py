@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .results import save_result
+
 CLIENT_PATH = Path(__file__).resolve().parents[2] / "clients" / "python"
 GOAL_FIRST_FRAME_S = 1.5
 GOAL_P95_OVER_NOMINAL = 1.5
@@ -304,11 +306,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         print(f"streamgen bench serve: {exc}", file=sys.stderr)
         return 1
     print(render(result))
-    tag = result["server"].get("model") or "url"
-    out = args.out or Path("bench-results") / f"serve-{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"saved {out}")
+    print(f"saved {save_result(result, args.out, 'serve-' + (result['server'].get('model') or 'url'))}")
     return 0
 
 
