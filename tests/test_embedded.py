@@ -121,3 +121,14 @@ def test_weights_file_round_trip_and_missing_file(model, tmp_path):
     with pytest.raises(FileNotFoundError, match="streamgen train"):
         embedded_bundle(tmp_path / "missing.safetensors")
     assert np.isfinite(bundle.text_encoder.encode("red").numpy()).all()
+
+
+def test_prompt_ack_reports_unknown_words() -> None:
+    """A prompt's acknowledgement says how it was understood: ignored words and defaulted attributes."""
+    torch.manual_seed(0)
+    model = EmbeddedModel()
+    stream = Stream(model.dit.eval(), model.text, EMBEDDED_STREAM, "a red circle moving left")
+    stream.set_prompt("the blue gizmo going up")
+    ack = stream.next_chunk().acks[0]
+    assert ack.detail["understood"] == "a blue circle moving up"
+    assert ack.detail["unknown_words"] == ["gizmo"] and ack.detail["defaulted"] == ["shape"]

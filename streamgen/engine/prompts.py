@@ -12,7 +12,10 @@ from torch import Tensor
 
 
 class PromptEncoder(Protocol):
-    """Turns prompt text into the DiT's context [1, text_len, text_dim] (padding rows zero)."""
+    """Turns prompt text into the DiT's context [1, text_len, text_dim] (padding rows zero).
+
+    An encoder may also offer `describe(prompt) -> dict` (e.g. words it ignored); the stream puts that
+    in the prompt's acknowledgement."""
 
     def encode(self, prompt: str) -> Tensor: ...
 

@@ -192,7 +192,9 @@ class Stream:
                 prompt, transition = value
                 self.prompt = prompt
                 self.timeline.change(self.embed(prompt), transition, chunk)
-                self._acks.append(Ack("prompt", frame, chunk, {"transition": transition.kind}))
+                describe = getattr(self.embed.encoder, "describe", None)
+                details = describe(prompt) if describe is not None and isinstance(prompt, str) else {}
+                self._acks.append(Ack("prompt", frame, chunk, {"transition": transition.kind, **details}))
             elif kind == "params":
                 old_steps = self.config.steps
                 self.config = self._validated(**value)

@@ -96,6 +96,12 @@ class VocabTextEncoder(nn.Module):
         ids = torch.tensor([prompt_tokens(parse_prompt(prompt).prompt)], device=self.embedding.weight.device)
         return self.forward(ids)
 
+    def describe(self, prompt: str) -> dict:
+        """How the prompt was understood, for the acknowledgement: canonical text, ignored and defaulted words."""
+        parsed = parse_prompt(prompt)
+        return {"understood": parsed.prompt.text(), "unknown_words": list(parsed.unknown_words),
+                "defaulted": list(parsed.defaulted)}
+
     def null(self) -> Tensor:
         """The unconditional context (all NULL_TOKEN rows), [1, text_len, text_dim]."""
         return self.forward(torch.full((1, 3), NULL_TOKEN, device=self.embedding.weight.device))

@@ -81,6 +81,7 @@ class Ack(BaseModel):
     of: str
     frame: int
     id: str | int | None = None
+    detail: dict[str, Any] | None = None  # e.g. how a prompt was understood (words ignored)
 
 
 class Stats(BaseModel):

@@ -129,7 +129,7 @@ class Session:
         self._latency.append(seconds)
         for ack in chunk.acks:
             ids = self._ack_ids[ack.of]
-            self.send(Ack(of=ack.of, frame=ack.frame, id=ids.popleft() if ids else None))
+            self.send(Ack(of=ack.of, frame=ack.frame, id=ids.popleft() if ids else None, detail=ack.detail or None))
 
     def _on_error(self, exc: BaseException) -> None:
         log.error("session %s: generation failed", self.id, exc_info=exc)
