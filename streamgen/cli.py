@@ -54,7 +54,10 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
         stream = StreamConfig(*args.latent, policy=policy, policy_settings=dict(args.policy_setting), sampler=sampler,
                               schedule=args.schedule or "exact", steps=tuple(steps), batch_slots=not args.unbatched,
                               seed=args.seed)
-    result = engine.run(engine.EngineBench(model, stream, args.chunks, args.threads, args.seed), progress=not args.quiet)
+    from .models.registry import bench_decoder
+
+    result = engine.run(engine.EngineBench(model, stream, args.chunks, args.threads, args.seed, bench_decoder(args)),
+                        progress=not args.quiet)
     print(engine.render(result))
     tag = f"{args.model}-" if args.model else ""
     print(f"saved {save_result(result, args.out, f'engine-{tag}{stream.policy}-{stream.schedule}')}")

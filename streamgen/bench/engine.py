@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import platform
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from ..engine.stream import Stream, StreamConfig
 from ..models.config import DiTConfig
+from ..models.decoders import FrameDecoder
 from ..models.dit import WanDiT
 from ..models.random_text import RandomTextEncoder
 
@@ -30,6 +32,7 @@ class EngineBench:
     chunks: int = FLAT_LATE[1] + 1
     threads: int | None = None
     seed: int = 0
+    decoder: Callable[[], FrameDecoder] | None = None  # decode every chunk too (time to first frame, decode cost)
 
 
 def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
@@ -38,6 +41,10 @@ def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
     torch.manual_seed(bench.seed)
     model = WanDiT(bench.model).eval()
     stream = Stream(model, RandomTextEncoder(bench.model.text_len, bench.model.text_dim), bench.stream, "a benchmark prompt")
+    decoder = bench.decoder() if bench.decoder is not None else None
+    decode_s: list[float] = []
+    decoded = 0
+    first_frame_s = None
     times: list[float] = []
     cpu: list[float] = []  # process CPU time per chunk: what the chunk cost, whatever else the machine runs
     calls: list[int] = []
@@ -50,6 +57,12 @@ def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
         cpu.append(time.process_time() - start_cpu)
         calls.append(stream.dit_calls - before)
         first_chunk_s = first_chunk_s if first_chunk_s is not None else time.perf_counter() - t0
+        if decoder is not None:
+            start = time.perf_counter()
+            with torch.no_grad():
+                decoded += decoder.push(chunk.latents).shape[1]
+            decode_s.append(time.perf_counter() - start)
+            first_frame_s = first_frame_s if first_frame_s is not None else time.perf_counter() - t0
     frames = chunk.latents.shape[1]
     steady = times[min(FLAT_EARLY[0], len(times) - 1):]
     result: dict[str, Any] = {
@@ -67,7 +80,16 @@ def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
         "dit_calls_per_chunk": statistics.mean(calls[FLAT_EARLY[0]:] or calls),
         "dit_call_ms": 1e3 * sum(steady) / max(1, sum(calls[min(FLAT_EARLY[0], len(calls) - 1):])),
         "kv_bytes": stream.kv_bytes,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if decoder is not None:
+        steady_decode = decode_s[min(FLAT_EARLY[0], len(decode_s) - 1):]
+        result.update({
+            "time_to_first_frame_s": first_frame_s,
+            "decode_ms_p50": 1e3 * statistics.median(steady_decode),
+            "video_frames_decoded": decoded,
+            "video_frames_per_s_with_decode": decoded / (sum(times) + sum(decode_s)),
+        })
     if bench.chunks > FLAT_LATE[1]:
         def ratio(series: list[float]) -> float:  # medians: one OS hiccup must not decide it
             early = statistics.median(series[FLAT_EARLY[0]:FLAT_EARLY[1] + 1])
@@ -81,7 +103,8 @@ def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     keys = ["first_chunk_s", "chunk_ms_p50", "chunk_ms_p95", "latent_frames_per_s", "video_frames_per_s_at_4x",
-            "dit_calls_per_chunk", "dit_call_ms", "kv_bytes", "flatness", "flatness_wall"]
+            "dit_calls_per_chunk", "dit_call_ms", "kv_bytes", "peak_rss_mb", "time_to_first_frame_s", "decode_ms_p50",
+            "video_frames_per_s_with_decode", "flatness", "flatness_wall"]
     lines = [f"bench engine: policy={result['stream']['policy']} schedule={result['stream']['schedule']} "
              f"sampler={result['stream']['sampler']} threads={result['machine']['threads']} chunks={result['chunks']}"]
     lines += [f"  {k:<26} {result[k]:.4g}" if isinstance(result[k], float) else f"  {k:<26} {result[k]}" for k in keys if k in result]

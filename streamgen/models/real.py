@@ -222,6 +222,13 @@ def _random_decoder(spec: FamilySpec, kind: str, cfg: DiTConfig, device: torch.d
     return _decoder_factory(kind, model, cfg.in_dim)
 
 
+def random_decoder(spec: FamilySpec, kind: str, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Callable[[], FrameDecoder]:
+    """A random-weight decoder at the family's real widths (benchmarks: its cost, not its picture)."""
+    cfg = spec.dit_config()
+    return _random_decoder(spec, kind, cfg, torch.device(device), dtype)
+
+
 def _load_decoder(spec: FamilySpec, kind: str, found: dict[str, Path | None], cfg: DiTConfig,
                   device: torch.device, dtype: torch.dtype) -> Callable[[], FrameDecoder]:
     model: Any = None

@@ -996,6 +996,8 @@ def add_bench_model_options(parser: argparse.ArgumentParser) -> None:
                         help="with --model: random weights at the family's architecture, no files (required: the "
                              "engine bench measures random-weight DiTs)")
     parser.add_argument("--size", help="with --model: video size WIDTHxHEIGHT in pixels (default: the family's, 832x480)")
+    parser.add_argument("--decode", choices=("vae", "taehv", "none"), default="vae",
+                        help="with --model: decode every chunk (random-weight Wan VAE or TAEHV at real widths)")
 
 
 def bench_engine_setup(model: str | FamilySpec, size: str | None = None, *, layers: int | None = None,
@@ -1072,6 +1074,15 @@ def bench_setup_from_args(args: argparse.Namespace):
         args.model, args.size, layers=args.layers, dim=args.dim, heads=args.heads, ffn_dim=args.ffn_dim,
         policy=args.policy, policy_settings=dict(args.policy_setting), sampler=args.sampler, schedule=args.schedule,
         steps=args.steps, batch_slots=not args.unbatched, seed=args.seed, chunks=args.chunks)
+
+
+def bench_decoder(args: argparse.Namespace):
+    """The frame-decoder factory `bench engine --model … --decode vae|taehv` measures (None: no decode)."""
+    if getattr(args, "model", None) is None or args.decode == "none":
+        return None
+    from .real import random_decoder
+
+    return random_decoder(load_family_config(args.model), args.decode)
 
 
 def bench_bundle(name: str, size: str = "832x480", random_weights: bool = True, layers: int | None = None,
