@@ -61,3 +61,15 @@ def test_real_family_needs_a_checked_model_dir(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "LongLive needs models/lora.pt" in err and "models_t5_umt5-xxl-enc-bf16.pth" in err
     assert not out.exists()
+
+
+def test_bench_engine_real_architecture_with_decode(tmp_path) -> None:
+    """`--model … --random-weights` runs DiT + decoder end to end and reports time to first frame."""
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "engine", "--model", "wan2.1-t2v-1.3b", "--random-weights", "--size", "32x32", "--layers", "1",
+                 "--dim", "128", "--chunks", "2", "--decode", "taehv", "--quiet", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["video_frames_decoded"] == 9 + 12  # 1 + 4·2 frames for the first chunk, 12 for the next
+    assert result["time_to_first_frame_s"] > 0 and result["decode_ms_p50"] > 0
