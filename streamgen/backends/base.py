@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from ..engine.frame_stream import FrameStream
+from ..models.bundle import ModelBundle
 
 
 class CapacityError(RuntimeError):
@@ -15,6 +16,7 @@ class Backend(ABC):
     """Opens and closes frame streams of one model."""
 
     name: str
+    bundle: "ModelBundle"  # the model every stream of this backend runs
 
     @abstractmethod
     def open(self, prompt: str, overrides: dict[str, Any] | None = None) -> FrameStream:

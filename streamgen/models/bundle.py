@@ -28,6 +28,7 @@ class ModelBundle:
     stream: StreamConfig
     fps: float
     description: str = ""
+    example_prompt: str = "a calm lake at dawn"  # what a session starts with when nobody names a prompt
 
 
 def tiny_random(seed: int = 0) -> ModelBundle:
@@ -55,7 +56,7 @@ def embedded() -> ModelBundle:
 
 
 BUNDLES: dict[str, Callable[[], ModelBundle]] = {"tiny-random": tiny_random, "embedded": embedded}
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "embedded"
 
 
 def load_bundle(name: str = DEFAULT_MODEL, model_dir: str | None = None) -> ModelBundle:

@@ -183,7 +183,7 @@ def bundle_from_model(model: EmbeddedModel, stream: StreamConfig = EMBEDDED_STRE
     return ModelBundle(name=name, dit=model.dit, text_encoder=model.text, decoder=PixelDecoder, stream=stream,
                        fps=float(FPS), description=description or
                        f"embedded {parameter_count(model) / 1e6:.2f}M-parameter Wan DiT on the procedural world "
-                       "(32×32 pixels as latents, 8 fps)")
+                       "(32×32 pixels as latents, 8 fps)", example_prompt="a red circle moving right")
 
 
 def embedded_bundle(weights_path: str | Path | None = None) -> ModelBundle:

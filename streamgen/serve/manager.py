@@ -54,7 +54,7 @@ class SessionManager:
         if mine >= self.config.max_sessions_per_ip:
             raise Refused(429, f"this client already has {mine} sessions (limit {self.config.max_sessions_per_ip} per address); "
                                "close one (DELETE /sessions/ID) or resume it with its session_id")
-        prompt = offer.prompt or self.config.prompt
+        prompt = offer.prompt or self.config.prompt or self.backend.bundle.example_prompt
         self._admitting[client_ip] += 1  # offers racing through the await below count against the limit too
         try:
             stream = await asyncio.to_thread(self.backend.open, prompt, _overrides(offer.params))  # CapacityError, ValueError
