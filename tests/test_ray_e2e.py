@@ -131,7 +131,7 @@ def render(tmp_path: Path, backend: str, out: str, *extra: str, ray_address: str
 
     timeline = tmp_path / "story.yaml"
     timeline.write_text(TIMELINE)
-    argv = ["render", "--timeline", str(timeline), "--seconds", "1.5", "--seed", "3", "--schedule", "timestep-slot",
+    argv = ["render", "--model", "tiny-random", "--timeline", str(timeline), "--seconds", "1.5", "--seed", "3", "--schedule", "timestep-slot",
             "--threads", "1", "--quiet", "--latents-out", str(tmp_path / out), "--backend", backend, *extra]
     if backend == "ray":
         argv += ["--ray-address", ray_address, "--stages", "2", "--ray-cpus", "0.5"]

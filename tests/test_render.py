@@ -44,7 +44,7 @@ def render_cli(*argv: str) -> int:
     """`streamgen render ARGV` through a fresh parser built with add_render_parser."""
     parser = argparse.ArgumentParser(prog="streamgen")
     add_render_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["render", *argv])
+    args = parser.parse_args(["render", "--model", MODEL, *argv])
     return args.func(args)
 
 
