@@ -3,12 +3,13 @@ how a change lands at a chunk boundary: LongLive's KV re-cache (spec §d) or a s
 embeddings over N chunks."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
+
+from ..lru import LRU
 
 
 class PromptEncoder(Protocol):
@@ -56,19 +57,13 @@ class EmbeddingCache:
     """LRU of prompt embeddings, so a prompt that comes back is not re-encoded."""
 
     def __init__(self, encoder: PromptEncoder, size: int = 64) -> None:
-        self.encoder, self.size = encoder, size
-        self.entries: OrderedDict[str, Tensor] = OrderedDict()
+        self.encoder = encoder
+        self.memo: LRU[Tensor] = LRU(size)
 
     def __call__(self, prompt: str | Tensor) -> Tensor:
         if isinstance(prompt, Tensor):
             return prompt
-        if prompt in self.entries:
-            self.entries.move_to_end(prompt)
-        else:
-            self.entries[prompt] = self.encoder.encode(prompt)
-            if len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return self.entries[prompt]
+        return self.memo.get(prompt, lambda: self.encoder.encode(prompt))
 
 
 @dataclass

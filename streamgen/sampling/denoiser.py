@@ -2,7 +2,6 @@
 independent calls (timestep slots, streams) into a single forward."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ from torch import Tensor
 
 from ..cache.kv import CallSpec, KVCache
 from ..cache.policy import CachePolicy
+from ..lru import LRU
 from ..models.attention import BatchedAttention
 from ..models.dit import CrossKV, WanDiT
 
@@ -33,19 +33,12 @@ class Denoiser:
         self.model = model
         self.policy = policy
         self.calls = 0
-        self._cross: OrderedDict[Hashable, CrossKV] = OrderedDict()
-        self._cross_memo = cross_memo
+        self._cross: LRU[CrossKV] = LRU(cross_memo)
 
     @torch.no_grad()
     def cross_kv(self, key: Hashable, context: Tensor) -> CrossKV:
         """Cross-attention K/V of a context, computed once per key (a prompt or blend step)."""
-        if key in self._cross:
-            self._cross.move_to_end(key)
-        else:
-            self._cross[key] = self.model.cross_kv(context)
-            if len(self._cross) > self._cross_memo:
-                self._cross.popitem(last=False)
-        return self._cross[key]
+        return self._cross.get(key, lambda: self.model.cross_kv(context))
 
     @torch.no_grad()
     def __call__(self, calls: list[DiTCall]) -> list[Tensor]:
