@@ -73,3 +73,53 @@ def test_export_loads_as_a_bundle_that_streams_and_evaluates(tmp_path):
     s = result["summary"]
     assert s["streams"] == 2 and s["frames"] == 12 and 0 <= s["colour"] <= 1 and s["tokens_per_s"] > 0
     assert result["runs"][1]["switch_latency"]["direction"]["switches"] == 1
+
+
+def test_still_start_clips_hold_then_move_and_carry_no_loss(tmp_path):
+    from streamgen.train.data import CHUNK, clip_batch, step_seed
+    from streamgen.world.checker import analyze
+
+    cb = clip_batch(11, 32, 3, switch_prob=0.3, still_prob=0.6)
+    still = cb.still_chunks
+    assert ((still > 0) & (cb.switch_chunk >= 0)).sum() == 0          # only clips without a switch
+    assert (still > 0).sum() >= 8 and (still == 0).sum() >= 4 and still.max() <= 2
+    for b in range(32):
+        frames = ((cb.latents[b] + 1) / 2).numpy()
+        a = analyze(frames)
+        k = int(still[b]) * CHUNK
+        moving = [a.direction[t] for t in range(max(k, 1), 9)]
+        assert all(d not in (None, "still") for d in moving), (b, k, a.direction)  # moves after the still part
+        if k:
+            assert all(torch.equal(cb.latents[b, t], cb.latents[b, k - 1]) for t in range(k))
+    plain = clip_batch(11, 32, 3, switch_prob=0.3)
+    assert (plain.still_chunks == 0).all()
+
+    trainer = Trainer(config(tmp_path, still_prob=0.6, batch=16))
+    for step in range(3):
+        inp = trainer.inputs(step)
+        cb = clip_batch(step_seed(7, step, 0), 16, 3, 0.3, 0.6)
+        for b in range(16):
+            assert not inp.weight[b, :int(cb.still_chunks[b])].any()   # still chunks are context only
+
+
+def test_phase2_gives_no_loss_where_the_teacher_found_nothing(tmp_path, monkeypatch):
+    import numpy as np
+
+    from streamgen.train import self_forcing
+
+    trainer = Trainer(config(tmp_path, phase1_steps=0, p2_mix=0.0, p2_own_prob=0.0, p2_batch=4))
+    found = np.array([True, False, True, False])
+
+    def teacher(tl, chunk, last_frame):  # the real teacher, with its detection result fixed by the test
+        target, _ = real_teacher(tl, chunk, last_frame)
+        return target, found
+
+    real_teacher = self_forcing.teacher_chunk
+    monkeypatch.setattr(self_forcing, "teacher_chunk", teacher)
+    seen = 0
+    for step in range(12):
+        inp = trainer.inputs(step)
+        if inp.info["rollout"]:
+            seen += 1
+            assert inp.weight[:, -1].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert seen

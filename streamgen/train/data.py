@@ -25,23 +25,39 @@ def step_seed(seed: int, step: int, stream: int) -> int:
 
 @dataclass
 class ClipBatch:
-    """Latents [B, T, 3, 32, 32], prompt ids per chunk [B, chunks, 3], switch chunk per clip (−1: none)."""
+    """Latents [B, T, 3, 32, 32], prompt ids per chunk [B, chunks, 3], switch chunk per clip (−1: none),
+    leading still chunks per clip (0: none; see `clip_batch`)."""
 
     latents: Tensor
     chunk_tokens: Tensor
     switch_chunk: Tensor
+    still_chunks: Tensor
 
     @property
     def chunks(self) -> int:
         return self.chunk_tokens.shape[1]
 
 
-def clip_batch(seed: int, batch: int, chunks: int, switch_prob: float) -> ClipBatch:
-    """Phase-1 clips: `chunks`·3 frames, one switch in `switch_prob` of clips, at a chunk boundary."""
+def clip_batch(seed: int, batch: int, chunks: int, switch_prob: float, still_prob: float = 0.0) -> ClipBatch:
+    """Phase-1 clips: `chunks`·3 frames, one switch in `switch_prob` of clips, at a chunk boundary.
+
+    In `still_prob` of the clips without a switch, the object holds still for the first 1…chunks−1
+    chunks (they repeat the last still frame), then moves under the prompt. A model trained on the
+    world alone learns to continue the motion it sees in its context; from a still or wobbly start
+    (its own first chunk, generated from noise) it then hardly moves. These clips teach it to move
+    the way the prompt says whatever the context did. The still chunks are context only: no loss
+    (see `Trainer.phase1_inputs`)."""
     video, tokens, meta = sample_batch(seed, batch, chunks * CHUNK, switch_prob, switch_align=CHUNK, with_meta=True)
     switch = torch.from_numpy(meta.switch_frame) // CHUNK
     switch[torch.from_numpy(meta.switch_frame) < 0] = -1
-    return ClipBatch(frames_to_latents(video), tokens[:, ::CHUNK].contiguous(), switch)
+    latents = frames_to_latents(video)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    pick = (rng.random(batch) < still_prob) & (switch.numpy() < 0) & (chunks > 1)
+    still = np.where(pick, rng.integers(1, max(chunks, 2), batch), 0)
+    for b in np.flatnonzero(still):
+        last = int(still[b]) * CHUNK - 1
+        latents[b, :last] = latents[b, last]
+    return ClipBatch(latents, tokens[:, ::CHUNK].contiguous(), switch, torch.from_numpy(still))
 
 
 @dataclass
@@ -142,7 +158,8 @@ def _advance(tl: Timeline, first: int, row: np.ndarray, col: np.ndarray, include
 def teacher_chunk(tl: Timeline, chunk: int, last_frame: Tensor) -> tuple[Tensor, np.ndarray]:
     """The world's continuation of a generated context: chunk `chunk` under the timeline's prompt,
     moving from where the object is in the last generated frame [B, 3, 32, 32]. Clips whose object
-    is not found get the ground-truth continuation. Returns (latents [B, 3, 3, 32, 32], found [B])."""
+    is not found get the ground-truth continuation (a placeholder: the trainer gives them no loss).
+    Returns (latents [B, 3, 3, 32, 32], found [B])."""
     f = chunk * CHUNK
     pos, found = detect_positions(last_frame)
     row, col = tl.row[:, f - 1].copy(), tl.col[:, f - 1].copy()

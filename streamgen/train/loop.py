@@ -89,7 +89,7 @@ class Trainer:
 
     def phase1_inputs(self, step: int):
         cfg = self.cfg
-        cb = clip_batch(step_seed(cfg.seed, step, 0), cfg.batch, cfg.clip_chunks, cfg.switch_prob)
+        cb = clip_batch(step_seed(cfg.seed, step, 0), cfg.batch, cfg.clip_chunks, cfg.switch_prob, cfg.still_prob)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1))
         b, chunks = cfg.batch, cfg.clip_chunks
         levels = sample_levels(self.schedule, self.sampler_steps, b, chunks, gen, clean_prefixes(b, chunks, gen, cfg.df_prob),
@@ -97,6 +97,7 @@ class Trainer:
         x, t, v = noisy_inputs(self.schedule, cb.latents, levels.t, CHUNK, gen)
         tokens = cb.chunk_tokens[:, -1]  # the window is encoded under the newest chunk's prompt (re-cache)
         valid = (cb.chunk_tokens == tokens[:, None]).all(-1)  # chunks shown under another prompt get no loss
+        valid &= torch.arange(chunks)[None, :] >= cb.still_chunks[:, None]  # still chunks are context only
         ids = torch.tensor([recache_ids(chunks, int(s) if s > 0 else None) for s in cb.switch_chunk])
         return x, t, v, tokens, ids, levels.noisy & valid, {}
 
@@ -127,7 +128,12 @@ class Trainer:
             v[:, last] = torch.where(sel, own_v, v[:, last])
             t[:, last] = torch.where(own[:, None], sf.own_t[:, None].expand(-1, CHUNK), t[:, last])
             weight[:, -1] = torch.where(own, sigma.flatten() ** 2, weight[:, -1])
-        return x, t, v, sf.tokens, sf.block_ids, weight, {"found": sf.found, "rollout": sf.rollout_chunks,
+        if sf.rollout_chunks:
+            # No object found in the generated context: the world has nothing to continue, and a ground-truth
+            # target at a random place would teach the model to ignore its context (blur). No loss.
+            weight[:, -1] *= sf.found.to(weight.dtype)
+        return x, t, v, sf.tokens, sf.block_ids, weight, {"found": float(sf.found.float().mean()),
+                                                                 "rollout": sf.rollout_chunks,
                                                                  "own": float(own.float().mean())}
 
     def inputs(self, step: int) -> StepInputs:

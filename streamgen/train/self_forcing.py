@@ -87,7 +87,7 @@ class SelfForcingBatch:
     own_t: Tensor         # [B]: that step's timestep
     tokens: Tensor        # [B, 3]: the target chunk's prompt (the whole window is encoded under it)
     block_ids: list[int]  # attention blocks over [ctx chunks…, target]
-    found: float          # share of rollouts where the teacher found the generated object
+    found: Tensor         # [B] bool: the teacher found the generated object (R = 0: always usable)
     rollout_chunks: int   # chunks generated before the target (0: the target is the first chunk)
 
 
@@ -114,4 +114,4 @@ def self_forcing_batch(model: EmbeddedModel, stream: StreamConfig, seed: int, ba
     own_x = torch.stack([steps[int(k[b])][0][b] for b in range(batch)])
     own_t = torch.stack([steps[int(k[b])][1][b, 0] for b in range(batch)])
     return SelfForcingBatch(torch.cat([context, target.to(context)], dim=1), own_x, own_t, tl.chunk_tokens(r), ids,
-                            float(found.mean()), r)
+                            torch.from_numpy(found), r)
