@@ -207,15 +207,16 @@ class Chromium:
 
 # --- the shared server and browser ------------------------------------------------------------------
 class Env:
-    """A server and a browser on an event loop in a background thread; `run` executes a coroutine there."""
+    """A server (tiny-random, local backend unless `config` says otherwise) and a browser on an event loop
+    in a background thread; `run` executes a coroutine there."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, config: ServeConfig | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="browser-test-loop", daemon=True)
         self.thread.start()
-        self.server = Server(ServeConfig(port=0, grace_s=5.0, model="tiny-random"))
+        self.server = Server(config or ServeConfig(port=0, grace_s=5.0, model="tiny-random"))
         self.browser = Chromium(tmp / "profile")
-        self.run(self.server.start())
+        self.run(self.server.start(), 180)  # a Ray backend starts its actors first
         try:
             self.run(self.browser.start())
         except BaseException:

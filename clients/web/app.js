@@ -3,7 +3,8 @@
 // Signaling (same origin): GET /ice-servers, POST /offer {sdp, type, prompt?, session_id?} → {sdp, type,
 // session_id}, DELETE /sessions/{id}. Control messages (JSON, each with an `id` echoed in its reply):
 // prompt / params / pause / resume / reset; the server answers ack {of, frame, id} or error {message},
-// and sends stats {fps, latency_ms, frame, queue_depth, paused} about once a second.
+// and sends stats {fps, latency_ms, frame, queue_depth, paused} about once a second, and stall {frame,
+// reason, recovery_s, replaced} when the server recovered from a fault (e.g. a Ray stage replaced).
 //
 // A dropped connection is re-established with the stored session_id, which resumes the same stream
 // while the server's grace period lasts; after that a new session starts with the last prompt.
@@ -12,7 +13,7 @@
 const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("status"), video: $("stream"), placeholder: $("placeholder"), stats: $("stats"),
-  paused: $("paused-badge"), form: $("prompt-form"), prompt: $("prompt"), send: $("send"),
+  paused: $("paused-badge"), stall: $("stall"), form: $("prompt-form"), prompt: $("prompt"), send: $("send"),
   chunks: $("blend-chunks"), interp: $("blend-interp"), connect: $("connect"), disconnect: $("disconnect"),
   pause: $("pause"), resume: $("resume"), reset: $("reset"), token: $("token"), codec: $("codec"),
   log: $("log"), clearLog: $("clear-log"),
@@ -25,6 +26,7 @@ const LOG_LIMIT = 300;
 const RECONNECT_DELAYS_MS = [300, 700, 1500, 2500, 4000]; // then every 4 s, until RECONNECT_GIVE_UP_MS
 const RECONNECT_GIVE_UP_MS = 60_000;
 const DISCONNECTED_GRACE_MS = 2500; // ICE "disconnected" this long counts as a drop
+const STALL_SHOWN_MS = 10_000; // how long the stall badge stays over the video
 
 const state = {
   phase: "idle", // idle → connecting → live ⇄ reconnecting → idle
@@ -36,6 +38,8 @@ const state = {
   pending: new Map(), // id → {type, text, sent}
   acks: [], // every ack received, for tests and curious users
   errors: [],
+  stalls: [], // every stall message received
+  stallTimer: null,
   stats: null, // the server's latest stats message
   decoded: { frames: 0, at: 0, fps: 0, width: 0, height: 0, codec: "" },
   presented: 0, // frames shown by the <video> (requestVideoFrameCallback)
@@ -72,7 +76,7 @@ function setPhase(phase) {
   for (const b of [ui.pause, ui.resume, ui.reset]) b.disabled = !open;
   if (open && state.stats) syncPauseButtons(state.stats.paused);
   ui.stats.hidden = phase === "idle";
-  if (phase === "idle") ui.paused.hidden = true;
+  if (phase === "idle") ui.paused.hidden = ui.stall.hidden = true;
 }
 
 function syncPauseButtons(paused) {
@@ -329,6 +333,7 @@ function handleMessage(raw) {
     return log("warn", "unreadable message from the server");
   }
   if (message.type === "stats") return showStats(message);
+  if (message.type === "stall") return showStall(message);
   const entry = state.pending.get(message.id);
   state.pending.delete(message.id);
   const ms = entry ? ` (${Math.round(performance.now() - entry.sent)} ms)` : "";
@@ -362,6 +367,17 @@ function sendPrompt() {
   }
   if (state.phase === "idle") return void connect().catch(fail); // Enter while idle starts a stream with it
   send({ type: "prompt", prompt: text, transition: transition() }, text);
+}
+
+/** The server froze the stream for a while to recover from a fault: say so over the video, briefly. */
+function showStall(message) {
+  state.stalls.push(message);
+  const what = message.replaced?.length ? `${message.replaced.join(", ")} replaced` : message.reason;
+  ui.stall.textContent = `stalled ${message.recovery_s.toFixed(1)} s: ${what}`;
+  ui.stall.hidden = false;
+  clearTimeout(state.stallTimer);
+  state.stallTimer = setTimeout(() => { ui.stall.hidden = true; }, STALL_SHOWN_MS);
+  log("warn", `stream stalled ${message.recovery_s.toFixed(1)} s before frame ${message.frame}: ${message.reason}`);
 }
 
 // --- stats --------------------------------------------------------------------------------------
@@ -451,6 +467,7 @@ window.streamgen = {
   get presented() { return state.presented; },
   get acks() { return state.acks.slice(); },
   get errors() { return state.errors.slice(); },
+  get stalls() { return state.stalls.slice(); },
   connect: () => connect(),
   disconnect,
   send,

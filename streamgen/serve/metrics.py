@@ -20,6 +20,7 @@ COUNTERS = {
     "streamgen_frames_held_total": "Ticks that re-sent the last frame (first chunk, pause, model slower than real time).",
     "streamgen_frames_dropped_total": "Frames dropped instead of played late, by reason.",
     "streamgen_control_messages_total": "Control messages, by result.",
+    "streamgen_stalls_total": "Backend faults recovered mid-stream (actor replaced), each reported to its viewer as `stall`.",
     "streamgen_offers_total": "POST /offer answers, by HTTP status.",
 }
 HISTOGRAMS = {

@@ -93,6 +93,18 @@ class Stats(BaseModel):
     paused: bool = False
 
 
+class Stall(BaseModel):
+    """The backend recovered from a fault (an actor died or hung and was replaced) before `frame`:
+    the stream went on from there, `recovery_s` late; sent so a viewer knows why the picture froze."""
+
+    type: Literal["stall"] = "stall"
+    frame: int  # the first video frame after the recovery
+    reason: str
+    recovery_s: float
+    events: int = 1  # recoveries folded into this report (several can land before one chunk)
+    replaced: list[str] = Field(default_factory=list)  # actors re-created, e.g. ["stage1"], ["worker0"]
+
+
 class Error(BaseModel):
     type: Literal["error"] = "error"
     message: str

@@ -22,7 +22,7 @@ from .config import ServeConfig
 from .encoder import DisplayScaler
 from .frames import Frame, FrameQueue
 from .metrics import Metrics
-from .protocol import Ack, Error, Stats, TransitionSpec
+from .protocol import Ack, Error, Stall, Stats, TransitionSpec
 from .worker import GenerationWorker
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class Session:
         self._first_frame_s: float | None = None
         self._latency: deque[float] = deque(maxlen=32)
         self._counts = dict.fromkeys(("generated", "sent", "held", "dropped"), 0)
+        self._stalls = 0  # backend recoveries this session went through
         self._window = (time.monotonic(), 0, 0.0)  # (start, new frames sent, sum of their ages)
         self._worker = GenerationWorker(sid[:8], stream, self.queue, DisplayScaler(config.display_size),
                                         config.queue_chunks, self._on_chunk, self._on_error)
@@ -121,12 +122,19 @@ class Session:
         self._metrics.observe("streamgen_chunk_latency_seconds", seconds)
         if flushed:
             self._metrics.inc("streamgen_frames_dropped_total", flushed, reason="reset")
+        if chunk.stall:
+            self._metrics.inc("streamgen_stalls_total", chunk.stall["events"])
         self._loop.call_soon_threadsafe(self._chunk_done, chunk, seconds, flushed)
 
     def _chunk_done(self, chunk: FrameChunk, seconds: float, flushed: int) -> None:
         self._counts["generated"] += len(chunk.frames)
         self._counts["dropped"] += flushed
         self._latency.append(seconds)
+        if chunk.stall:  # before the acks: the recovery happened before this chunk's changes took effect
+            stall = chunk.stall
+            self._stalls += stall["events"]
+            self.send(Stall(frame=chunk.first_frame, reason=stall["reason"], recovery_s=round(stall["recovery_s"], 3),
+                            events=stall["events"], replaced=stall.get("replaced", [])))
         for ack in chunk.acks:
             ids = self._ack_ids[ack.of]
             self.send(Ack(of=ack.of, frame=ack.frame, id=ids.popleft() if ids else None, detail=ack.detail or None))
@@ -176,7 +184,7 @@ class Session:
             "queue_depth": self.queue.depth, "age_s": round(time.monotonic() - self._created, 3),
             "first_frame_ms": round(1000 * self._first_frame_s, 1) if self._first_frame_s is not None else None,
             "chunk_latency_ms": round(1000 * sum(self._latency) / len(self._latency), 2) if self._latency else None,
-            "frames": dict(self._counts),
+            "frames": dict(self._counts), "stalls": self._stalls,
         }
 
     async def close(self, reason: str) -> None:

@@ -1,5 +1,5 @@
 """`streamgen client URL` (also `python -m streamgen_client`): watch a stream, change prompts on a
-schedule, print acks and timing, optionally record MP4."""
+schedule, print acks, stalls and timing, optionally record MP4."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import asyncio
 import re
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,12 @@ def parse_schedule(text: str) -> list[tuple[float, str]]:
     return sorted(items)
 
 
+def describe_stall(stall: dict[str, Any]) -> str:
+    """One line for a `stall` message: where the stream froze, for how long, and why."""
+    replaced = f" [replaced {', '.join(stall['replaced'])}]" if stall.get("replaced") else ""
+    return f"stall at frame {stall['frame']} ({stall['recovery_s']:.1f} s): {stall['reason']}{replaced}"
+
+
 async def run(url: str, prompt: str | None, seconds: float, schedule: list[tuple[float, str]], out: str | None,
               token: str | None) -> int:
     async with StreamClient(url, prompt=prompt, token=token, record=out) as client:
@@ -35,7 +42,11 @@ async def run(url: str, prompt: str | None, seconds: float, schedule: list[tuple
         start = time.monotonic()
         times: list[float] = []
         pending = list(schedule)
+        stalls_shown = 0
         while (elapsed := time.monotonic() - start) < seconds:
+            for stall in client.stalls[stalls_shown:]:
+                print(f"{elapsed:6.2f} s  {describe_stall(stall)}")
+            stalls_shown = len(client.stalls)
             if pending and elapsed >= pending[0][0]:
                 _, text = pending.pop(0)
                 sent = time.monotonic()

@@ -65,6 +65,7 @@ class StreamClient:
         self.ice_servers = ice_servers  # RTCIceServer fields ({"urls", "username", "credential"}); None: ask the server
         self.stats: dict[str, Any] | None = None  # the latest `stats` message
         self.notices: list[dict[str, Any]] = []  # acks and errors that answer no message of ours
+        self.stalls: list[dict[str, Any]] = []  # `stall` messages: server-side faults recovered, oldest first
         self.frames_received = 0
         self.first_frame_s: float | None = None  # connect() start → first frame
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -224,6 +225,9 @@ class StreamClient:
             return
         if message.get("type") == "stats":
             self.stats = message
+            return
+        if message.get("type") == "stall":
+            self.stalls.append(message)
             return
         future = self._pending.get(message.get("id"))
         if future is None or future.done():
