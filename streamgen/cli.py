@@ -38,9 +38,12 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     from .bench import engine
     from .bench.results import save_result
     from .engine.stream import StreamConfig
+    from .models.bundle import require_cuda_for
     from .models.config import DiTConfig
-    from .models.registry import bench_setup_from_args
+    from .models.registry import bench_setup_from_args, precision_settings
 
+    precision = precision_settings(args)
+    require_cuda_for(precision.get("compile", "none"))
     setup = bench_setup_from_args(args)  # --model NAME --random-weights: that family's real architecture and settings
     if setup is not None:
         model, stream = setup
@@ -56,8 +59,8 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
                               seed=args.seed)
     from .models.registry import bench_decoder
 
-    result = engine.run(engine.EngineBench(model, stream, args.chunks, args.threads, args.seed, bench_decoder(args)),
-                        progress=not args.quiet)
+    result = engine.run(engine.EngineBench(model, stream, args.chunks, args.threads, args.seed, bench_decoder(args),
+                                           **precision), progress=not args.quiet)
     print(engine.render(result))
     tag = f"{args.model}-" if args.model else ""
     print(f"saved {save_result(result, args.out, f'engine-{tag}{stream.policy}-{stream.schedule}')}")
@@ -69,12 +72,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from .backends.ray.cluster import ray_settings
+    from .models.bundle import require_cuda_for
+    from .models.registry import precision_settings
     from .serve.config import ServeConfig
     from .serve.server import serve_forever
 
+    precision = precision_settings(args)
+    require_cuda_for(precision.get("compile", "none"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)  # one line per ICE check otherwise
-    given = {"model": args.model, "prompt": args.prompt, "model_dir": args.model_dir}
+    given = {"model": args.model, "prompt": args.prompt, "model_dir": args.model_dir, "precision": precision or None}
     config = ServeConfig(host=args.host, port=args.port, max_sessions=args.max_sessions,
                          max_sessions_per_ip=args.max_sessions_per_ip, token=args.token, ice_servers=args.ice_server,
                          display_size=args.display_size, codec=args.codec, bitrate=args.bitrate, grace_s=args.grace,
@@ -103,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .models.registry import (  # light: imports no torch
         add_bench_model_options,
         add_models_parser,
+        add_precision_arguments,
     )
 
     parser = argparse.ArgumentParser(prog="streamgen", description=__doc__)
@@ -134,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--out", type=Path)
     eng.add_argument("--quiet", action="store_true")
     add_bench_model_options(eng)
+    add_precision_arguments(eng)
     eng.set_defaults(func=cmd_bench_engine)
 
     from .bench.pipeline import add_pipeline_bench_parser
@@ -169,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bitrate", type=int, help="video bits/s (default from size and fps)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds a dropped session waits for a reconnect")
     serve.add_argument("--threads", type=int, help="torch threads (default cores / max sessions)")
+    add_precision_arguments(serve)
     add_ray_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 

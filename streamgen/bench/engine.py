@@ -6,13 +6,14 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from ..engine.stream import Stream, StreamConfig
+from ..models.bundle import dtype_name, prepare_dit, resolve_dtype
 from ..models.config import DiTConfig
 from ..models.decoders import FrameDecoder
 from ..models.dit import WanDiT
@@ -33,14 +34,19 @@ class EngineBench:
     threads: int | None = None
     seed: int = 0
     decoder: Callable[[], FrameDecoder] | None = None  # decode every chunk too (time to first frame, decode cost)
+    dtype: str = "auto"  # precision of the DiT (see models.bundle.prepare_dit); auto: fp32 here (CPU)
+    quant: str = "none"
+    compile: str = "none"
 
 
 def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
     if bench.threads:
         torch.set_num_threads(bench.threads)
     torch.manual_seed(bench.seed)
-    model = WanDiT(bench.model).eval()
-    stream = Stream(model, RandomTextEncoder(bench.model.text_len, bench.model.text_dim), bench.stream, "a benchmark prompt")
+    dtype = resolve_dtype(bench.dtype, "cpu")
+    model = prepare_dit(WanDiT(bench.model).eval(), dtype, bench.quant, bench.compile)
+    config = replace(bench.stream, dtype=dtype)
+    stream = Stream(model, RandomTextEncoder(bench.model.text_len, bench.model.text_dim), config, "a benchmark prompt")
     decoder = bench.decoder() if bench.decoder is not None else None
     decode_s: list[float] = []
     decoded = 0
@@ -70,7 +76,9 @@ def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "device": "cpu"},
         "model": bench.model.to_dict(),
-        "stream": {k: (str(v) if k in ("dtype", "transition") else v) for k, v in bench.stream.__dict__.items()},
+        "precision": {"dtype": dtype_name(dtype), "quant": bench.quant, "compile": bench.compile},
+        "dit_bytes": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
+        "stream": {k: (str(v) if k in ("dtype", "transition") else v) for k, v in config.__dict__.items()},
         "chunks": bench.chunks,
         "first_chunk_s": first_chunk_s,
         "chunk_ms_p50": 1e3 * statistics.median(steady),
@@ -103,9 +111,10 @@ def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     keys = ["first_chunk_s", "chunk_ms_p50", "chunk_ms_p95", "latent_frames_per_s", "video_frames_per_s_at_4x",
-            "dit_calls_per_chunk", "dit_call_ms", "kv_bytes", "peak_rss_mb", "time_to_first_frame_s", "decode_ms_p50",
+            "dit_calls_per_chunk", "dit_call_ms", "dit_bytes", "kv_bytes", "peak_rss_mb", "time_to_first_frame_s", "decode_ms_p50",
             "video_frames_per_s_with_decode", "flatness", "flatness_wall"]
     lines = [f"bench engine: policy={result['stream']['policy']} schedule={result['stream']['schedule']} "
-             f"sampler={result['stream']['sampler']} threads={result['machine']['threads']} chunks={result['chunks']}"]
+             f"sampler={result['stream']['sampler']} threads={result['machine']['threads']} chunks={result['chunks']} "
+             + " ".join(f"{k}={v}" for k, v in result["precision"].items())]
     lines += [f"  {k:<26} {result[k]:.4g}" if isinstance(result[k], float) else f"  {k:<26} {result[k]}" for k in keys if k in result]
     return "\n".join(lines)

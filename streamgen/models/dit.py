@@ -3,6 +3,12 @@
 Key names equal the released checkpoints' (spec §a.4). Self-attention is delegated to a
 `SelfAttentionContext` (cache policy or full-sequence mask); cross-attention K/V are computed once
 per prompt (`cross_kv`) and reused for every call until the prompt changes.
+
+Precision (spec §a.5): weights and activations run in the dtype of the weights (`WanDiT.cast`), except
+the time embedding and the modulation, which stay fp32 as in the original Wan2.1 (`keeps_fp32`); norms
+compute in fp32 and RoPE in float64 whatever the dtype; the residual stream stays in the weights' dtype
+(as in the causal references, so results differ from them at bf16 rounding level only). In fp32 every
+cast below is a no-op.
 """
 from __future__ import annotations
 
@@ -14,6 +20,23 @@ from .config import DiTConfig
 from .rope import Rope3D
 
 CrossKV = list[tuple[Tensor, Tensor]]  # per block: K (after RMSNorm), V, each [B, text_len, heads, head_dim]
+
+
+def keeps_fp32(name: str) -> bool:
+    """Parameters that stay fp32 in any dtype (all small): the time embedding and the modulation tables,
+    which the original Wan2.1 computes in fp32 under autocast, and the affine LayerNorm (norm3), which
+    computes in fp32."""
+    return (name.startswith(("time_embedding.", "time_projection.")) or name.rsplit(".", 1)[-1] == "modulation"
+            or ".norm3." in name)
+
+
+@torch.compiler.disable
+def _self_attention(attn: SelfAttentionContext, block: nn.Module, q: Tensor, k: Tensor, v: Tensor,
+                    grid: TokenGrid) -> Tensor:
+    # An eager island under torch.compile: cache policies are Python bookkeeping (counters, slots) that
+    # change every call. The block, not its int index, crosses the boundary, so one compiled graph
+    # serves every block instead of one recompile per layer index.
+    return attn(block.index, q, k, v, grid)
 
 
 def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
@@ -82,19 +105,19 @@ class Block(nn.Module):
         def per_frame(y: Tensor) -> Tensor:  # [B, L, dim] -> [B, F, S, dim]
             return y.unflatten(1, (f, -1))
 
-        h = (per_frame(self.norm1(x)) * (1 + scale_a) + shift_a).flatten(1, 2)
+        h = (per_frame(self.norm1(x)) * (1 + scale_a) + shift_a).flatten(1, 2).type_as(x)
         sa = self.self_attn
         q = sa.split(sa.norm_q(sa.q(h)))
         k, v = sa.kv(h)
-        y = sa.o(attn(self.index, q, k, v, grid).flatten(2))
-        x = x + (per_frame(y) * gate_a).flatten(1, 2)
+        y = sa.o(_self_attention(attn, self, q, k, v, grid).flatten(2))
+        x = x + (per_frame(y) * gate_a).flatten(1, 2).type_as(x)
 
         ca = self.cross_attn
         q = ca.split(ca.norm_q(ca.q(self.norm3(x))))
         x = x + ca.o(attention(q, *cross).flatten(2))
 
-        h = (per_frame(self.norm2(x)) * (1 + scale_f) + shift_f).flatten(1, 2)
-        return x + (per_frame(self.ffn(h)) * gate_f).flatten(1, 2)
+        h = (per_frame(self.norm2(x)) * (1 + scale_f) + shift_f).flatten(1, 2).type_as(x)
+        return x + (per_frame(self.ffn(h)) * gate_f).flatten(1, 2).type_as(x)
 
 
 class Head(nn.Module):
@@ -108,7 +131,7 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor, e: Tensor, frames: int) -> Tensor:
         shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
-        return self.head(self.norm(x).unflatten(1, (frames, -1)) * (1 + scale) + shift)
+        return self.head((self.norm(x).unflatten(1, (frames, -1)) * (1 + scale) + shift).type_as(x))
 
 
 class WanDiT(nn.Module):
@@ -131,14 +154,15 @@ class WanDiT(nn.Module):
         return TokenGrid(f, h // ph, w // pw)
 
     def cross_kv(self, context: Tensor) -> CrossKV:
-        """Per-block cross-attention K/V of a text context [B, text_len, text_dim]; cache per prompt."""
-        emb = self.text_embedding(context)
+        """Per-block cross-attention K/V of a text context [B, text_len, text_dim]; cache per prompt.
+        The context may come in any float dtype (text encoders give fp32): it is cast to the DiT's."""
+        emb = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
         return [block.cross_attn.kv(emb) for block in self.blocks]
 
     def forward(self, x: Tensor, t: Tensor, cross: CrossKV, attn: SelfAttentionContext) -> Tensor:
         grid = self.token_grid(x)
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)
-        e = self.time_embedding(timestep_sinusoid(t.flatten(), self.cfg.freq_dim).type_as(tokens))
+        e = self.time_embedding(timestep_sinusoid(t.flatten(), self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim)).unflatten(0, t.shape)
         for block in self.blocks:
             tokens = block(tokens, e0, grid, cross[block.index], attn)
@@ -152,6 +176,12 @@ class WanDiT(nn.Module):
         u = out.reshape(b, grid.frames, grid.height, grid.width, pt, ph, pw, self.cfg.out_dim)
         u = torch.einsum("bfhwpqrc->bcfphqwr", u)
         return u.reshape(b, self.cfg.out_dim, grid.frames * pt, grid.height * ph, grid.width * pw)
+
+    def cast(self, dtype: torch.dtype) -> WanDiT:
+        """Weights to `dtype` in place, `keeps_fp32` parameters to fp32 (never rounded through `dtype`)."""
+        for name, p in self.named_parameters():
+            p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+        return self
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Checkpoint keys and shapes this configuration loads (825 keys for Wan2.1-1.3B)."""

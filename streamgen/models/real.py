@@ -5,7 +5,8 @@ key and shape, headers only), so a missing or wrong file fails before any weight
 
 - DiT: the family's checkpoint envelope (memory-mapped, so the unused `critic` / non-EMA copies in the
   same file are never read), keys normalized, LoRA merged (W + alpha/r·B·A), built on the meta device
-  and the tensors assigned (no second copy), cast to `dtype` on `device`.
+  and the tensors assigned (no second copy), cast to `dtype` on `device` (the time embedding and
+  modulation to fp32: `dit.keeps_fp32`).
 - Text: umT5-xxl encoder + the local `google/umt5-xxl` tokenizer (`tokenizers` package), contexts
   cached per prompt and delivered on the DiT's device and dtype.
 - Frames: the Wan2.1 VAE streaming decoder (exact) or TAEHV (fast), one fresh decoder per stream.
@@ -13,6 +14,7 @@ key and shape, headers only), so a missing or wrong file fails before any weight
 
 Precision: bf16 weights and activations on a GPU, fp32 on the CPU, unless `dtype` says otherwise
 (spec §a.5: the reference runs everything in bf16; RoPE and the x̂0 conversion stay float64).
+Quantization and compiling come after loading (`bundle.load_bundle` → `bundle.prepare_dit`).
 """
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .bundle import ModelBundle
+from .bundle import ModelBundle, resolve_dtype
 from .checkpoint import check_state_dict, load_lora, merge_lora
 from .config import DiTConfig
 from .decoders import FrameDecoder, LatentPreviewDecoder, TAEHVFrames, WanVAEFrames
-from .dit import WanDiT
+from .dit import WanDiT, keeps_fp32
 from .random_text import RandomTextEncoder
 from .registry import (
     FamilySpec,
@@ -55,11 +57,6 @@ class ContextOnDevice:
 
     def encode(self, prompt: str) -> Tensor:
         return self.inner.encode(prompt).to(device=self.device, dtype=self.dtype)
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on a GPU (as the reference pipelines), fp32 on the CPU."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def load_family(
@@ -92,7 +89,7 @@ def load_family(
     """
     spec = load_family_config(name)
     device = torch.device(device)
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or resolve_dtype("auto", device)
     if decoder not in BUNDLE_DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; known: {', '.join(BUNDLE_DECODERS)}")
     cfg = architecture or spec.dit_config()
@@ -150,7 +147,7 @@ def _finish_dit(dit: WanDiT) -> WanDiT:
 def _random_dit(cfg: DiTConfig, device: torch.device, dtype: torch.dtype) -> WanDiT:
     with torch.device(device):
         dit = WanDiT(cfg)
-    return _finish_dit(dit.to(dtype))
+    return _finish_dit(dit.cast(dtype))
 
 
 def read_weights(path: Path) -> Any:
@@ -174,7 +171,8 @@ def load_dit(spec: FamilySpec, path: Path, lora_path: Path | None, device: torch
         adapter = obj.get(spec.files.lora.key, obj) if isinstance(obj, dict) else obj
         state = merge_lora(state, load_lora(adapter), alpha=spec.files.lora.alpha)
     check_state_dict(state, expected_dit_shapes(cfg))
-    state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) if v.is_floating_point()
+             else v.to(device) for k, v in state.items()}
     with torch.device("meta"):
         dit = WanDiT(cfg)
     dit.load_state_dict(state, strict=True, assign=True)
@@ -246,4 +244,4 @@ def _load_decoder(spec: FamilySpec, kind: str, found: dict[str, Path | None], cf
     return _decoder_factory(kind, model, cfg.in_dim)
 
 
-__all__ = ["load_family", "bench_bundle", "load_dit", "read_weights", "ContextOnDevice", "default_dtype"]
+__all__ = ["load_family", "bench_bundle", "load_dit", "read_weights", "ContextOnDevice"]

@@ -65,6 +65,9 @@ CONFIG_ENV = "STREAMGEN_CONFIGS"
 DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                         "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 DECODERS = ("vae", "taehv")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # streamgen.models.bundle.DTYPES, plus auto
+QUANT_MODES = ("none", "int8", "fp8")  # streamgen.models.quant
+COMPILE_MODES = ("none", "inductor", "cuda-graphs")  # streamgen.models.bundle.prepare_dit
 _MAX_LISTED = 20
 
 
@@ -987,6 +990,30 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return models
 
 
+# ------------------------------------------------------------------------------- precision options
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--dtype --quant --compile --cuda-graphs` for `serve`, `render` and `bench engine` (`precision_settings`)."""
+    g = parser.add_argument_group("precision")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="DiT weights and activations (default auto: bf16 on CUDA, fp32 on the CPU); the time "
+                        "embedding and modulation stay fp32, norms compute in fp32, RoPE in float64")
+    g.add_argument("--quant", choices=QUANT_MODES, default="none",
+                   help="weight-only quantization of the blocks' attention and FFN linears, per output channel "
+                        "(int8 / fp8 e4m3: half the weight memory of bf16; on the CPU no faster)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT (compiles on the first chunk)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each DiT call as CUDA graphs (torch.compile mode reduce-overhead; needs a GPU)")
+
+
+def precision_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The `load_bundle` keywords (dtype, quant, compile) the options of `add_precision_arguments` set;
+    defaults are left out, so a command line without them passes nothing."""
+    defaults = {"dtype": "auto", "quant": "none", "compile": "none"}
+    compile = "cuda-graphs" if args.cuda_graphs else "inductor" if args.compile else "none"
+    given = {"dtype": args.dtype, "quant": args.quant, "compile": compile}
+    return {k: v for k, v in given.items() if v != defaults[k]}
+
+
 # ------------------------------------------------------------------------------------- benchmark
 def add_bench_model_options(parser: argparse.ArgumentParser) -> None:
     """`--model NAME --random-weights --size WxH` for `streamgen bench engine` (see `bench_setup_from_args`)."""
@@ -1080,9 +1107,10 @@ def bench_decoder(args: argparse.Namespace):
     """The frame-decoder factory `bench engine --model … --decode vae|taehv` measures (None: no decode)."""
     if getattr(args, "model", None) is None or args.decode == "none":
         return None
+    from .bundle import resolve_dtype
     from .real import random_decoder
 
-    return random_decoder(load_family_config(args.model), args.decode)
+    return random_decoder(load_family_config(args.model), args.decode, dtype=resolve_dtype(args.dtype, "cpu"))
 
 
 def bench_bundle(name: str, size: str = "832x480", random_weights: bool = True, layers: int | None = None,
@@ -1097,4 +1125,5 @@ __all__ = [
     "FamilySpec", "FamilyConfigError", "ModelDirError", "CheckReport", "config_dir", "family_files",
     "load_family_config", "load_family_file", "load_all", "check_model_dir", "read_lazy", "add_models_parser",
     "add_bench_model_options", "bench_engine_setup", "bench_setup_from_args", "bench_bundle", "parse_size",
+    "add_precision_arguments", "precision_settings",
 ]

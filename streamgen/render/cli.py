@@ -54,6 +54,7 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     from ..backends.ray.cluster import (
         add_ray_arguments,  # light: no torch, no ray import
     )
+    from ..models.registry import add_precision_arguments  # light: no torch
     from .writer import (  # light: torch / av are imported where used
         DEFAULT_CRF,
         DEFAULT_PRESET,
@@ -97,6 +98,7 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     out.add_argument("--preset", default=DEFAULT_PRESET, choices=X264_PRESETS, metavar="PRESET",
                      help=f"x264 speed / size trade-off: {', '.join(X264_PRESETS)} (default {DEFAULT_PRESET})")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_precision_arguments(p)
     add_ray_arguments(p)
     p.set_defaults(func=cmd_render)
     return p
@@ -138,6 +140,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     from ..backends.ray.cluster import backend_from_args
     from ..models.bundle import DEFAULT_MODEL, load_bundle
+    from ..models.registry import precision_settings
     from .job import frame_count, run_job
 
     if args.threads:
@@ -145,7 +148,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     backend = None
     bar = None
     try:
-        bundle = load_bundle(args.model or DEFAULT_MODEL, args.model_dir)
+        bundle = load_bundle(args.model or DEFAULT_MODEL, args.model_dir, **precision_settings(args))
         backend = backend_from_args(args, bundle, max_streams=1)
         bar = tqdm(total=frame_count(job.seconds, bundle.fps), unit="frame", desc="render", disable=args.quiet,
                    dynamic_ncols=True, file=sys.stderr)

@@ -17,6 +17,7 @@ class ServeConfig:
     port: int = 8080  # 0 picks a free port (tests)
     model: str = DEFAULT_MODEL
     model_dir: str | None = None  # a real model family's local files (see `streamgen models show NAME`)
+    precision: dict[str, str] = field(default_factory=dict)  # load_bundle's dtype / quant / compile (CLI --dtype …)
     prompt: str | None = None  # used when an offer carries none; None: the model's example prompt
     max_sessions: int = 4
     max_sessions_per_ip: int = 2

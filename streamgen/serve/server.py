@@ -49,7 +49,7 @@ class Server:
         self._undo.append(lambda: torch.set_num_threads(threads))
         if ice.is_loopback(config.host):
             self._undo.append(ice.use_loopback_candidates())
-        bundle = await asyncio.to_thread(load_bundle, config.model, config.model_dir)
+        bundle = await asyncio.to_thread(load_bundle, config.model, config.model_dir, **config.precision)
         self.backend = await asyncio.to_thread(make_backend, bundle, config.backend, max_streams=config.max_sessions, **config.ray)
         self.manager = SessionManager(self.backend, config, self.metrics)
         self.manager.start()

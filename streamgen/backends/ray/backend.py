@@ -41,7 +41,7 @@ class RayBackend(Backend):
         self.pipelines: list[Pipeline] = []
         self.placement: Placement | None = None
         if mode == "tpp":
-            cfg = pipeline or PipelineConfig(model=bundle.name)
+            cfg = pipeline or PipelineConfig(model=bundle.spec or bundle.name)
             if stages is not None:
                 cfg = replace(cfg, stages=stages)
             try:
@@ -51,7 +51,7 @@ class RayBackend(Backend):
                 self.shutdown()
                 raise
         else:
-            cfg = placement or PlacementConfig(model=bundle.name)
+            cfg = placement or PlacementConfig(model=bundle.spec or bundle.name)
             if workers is not None:
                 cfg = replace(cfg, workers=workers)
             self.placement = Placement(cfg, bundle)

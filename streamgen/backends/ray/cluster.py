@@ -67,7 +67,9 @@ def make_backend(bundle, backend: str = "local", *, max_streams: int = 4, ray_ad
                  ray_cpus: float | None = None, ray_gpus: float = 0.0, ray_kv_budget_gb: float = 2.0,
                  ray_max_sessions: int | None = None):
     """The backend a server or render job asked for: `LocalBackend(bundle, max_streams)` or a
-    `RayBackend` joined to (or starting) the cluster at `ray_address`."""
+    `RayBackend` joined to (or starting) the cluster at `ray_address`. Ray actors load the bundle
+    themselves from `bundle.spec` (name, model dir, dtype, quantization, compile: what `load_bundle`
+    resolved here, after checking the model dir), or by name for bundles built otherwise."""
     if backend == "local":
         from ..local import LocalBackend
 
@@ -86,10 +88,11 @@ def make_backend(bundle, backend: str = "local", *, max_streams: int = 4, ray_ad
     res: dict[str, Any] = {"num_cpus": ray_cpus, **({"num_gpus": ray_gpus} if ray_gpus else {})}
     budget = int(ray_kv_budget_gb * 1024**3)
     sessions = ray_max_sessions or max_streams
+    recipe = bundle.spec or bundle.name
     return RayBackend(bundle, mode=ray_mode, address=ray_address, replicas=ray_pipelines,
-                      pipeline=PipelineConfig(model=bundle.name, stages=ray_stages, stage_resources=res,
+                      pipeline=PipelineConfig(model=recipe, stages=ray_stages, stage_resources=res,
                                               kv_budget_bytes=budget, max_sessions=sessions),
-                      placement=PlacementConfig(model=bundle.name, workers=ray_workers, worker_resources=res,
+                      placement=PlacementConfig(model=recipe, workers=ray_workers, worker_resources=res,
                                                 memory_budget_bytes=budget, max_sessions_per_worker=sessions))
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ...engine.noise import NoiseSource
 from ...engine.stream import StreamConfig
+from ...models.bundle import BundleSpec
 
 Packed = Union[np.ndarray, tuple]
 
@@ -111,17 +112,16 @@ def noise_source(seed: int, config: StreamConfig, in_dim: int, device: str | tor
     return NoiseSource(seed, (1, config.chunk_frames, in_dim, config.latent_height, config.latent_width), config.dtype, device)
 
 
-BundleRecipe = Union[str, Callable[[], Any]]
+BundleRecipe = Union[str, BundleSpec, Callable[[], Any]]
 
 
 def build_bundle(recipe: BundleRecipe):
-    """A model bundle inside an actor: by registry name (`load_bundle`) or a picklable zero-argument
+    """A model bundle inside an actor: from a `BundleSpec` (name, model dir, dtype, quantization, compile;
+    a bare registry name is a spec with defaults) through `load_bundle`, or from a picklable zero-argument
     recipe (benchmarks: a seeded random DiT of a given size). Weights are built here, never shipped."""
     if isinstance(recipe, str):
-        from ...models.bundle import load_bundle
-
-        return load_bundle(recipe)
-    return recipe()
+        recipe = BundleSpec(recipe)
+    return recipe.load() if isinstance(recipe, BundleSpec) else recipe()
 
 
 def bundle_name(recipe: BundleRecipe) -> str:
