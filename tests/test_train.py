@@ -75,31 +75,35 @@ def test_export_loads_as_a_bundle_that_streams_and_evaluates(tmp_path):
     assert result["runs"][1]["switch_latency"]["direction"]["switches"] == 1
 
 
-def test_still_start_clips_hold_then_move_and_carry_no_loss(tmp_path):
+def test_lead_in_clips_move_otherwise_then_as_prompted_and_carry_no_loss(tmp_path):
     from streamgen.train.data import CHUNK, clip_batch, step_seed
-    from streamgen.world.checker import analyze
+    from streamgen.world.checker import STILL, analyze
+    from streamgen.world.vocab import DIRECTIONS, TOKEN_OFFSET
 
-    cb = clip_batch(11, 32, 3, switch_prob=0.3, still_prob=0.6)
-    still = cb.still_chunks
-    assert ((still > 0) & (cb.switch_chunk >= 0)).sum() == 0          # only clips without a switch
-    assert (still > 0).sum() >= 8 and (still == 0).sum() >= 4 and still.max() <= 2
-    for b in range(32):
-        frames = ((cb.latents[b] + 1) / 2).numpy()
-        a = analyze(frames)
-        k = int(still[b]) * CHUNK
-        moving = [a.direction[t] for t in range(max(k, 1), 9)]
-        assert all(d not in (None, "still") for d in moving), (b, k, a.direction)  # moves after the still part
-        if k:
-            assert all(torch.equal(cb.latents[b, t], cb.latents[b, k - 1]) for t in range(k))
-    plain = clip_batch(11, 32, 3, switch_prob=0.3)
-    assert (plain.still_chunks == 0).all()
+    cb = clip_batch(11, 48, 3, switch_prob=0.3, lead_in_prob=0.6)
+    lead = cb.lead_in_chunks
+    assert ((lead > 0) & (cb.switch_chunk >= 0)).sum() == 0          # only clips without a switch
+    assert (lead > 0).sum() >= 12 and (lead == 0).sum() >= 4 and lead.max() <= 2
+    kinds = set()
+    for b in range(48):
+        a = analyze(((cb.latents[b] + 1) / 2).numpy())
+        prompted = [DIRECTIONS[int(cb.chunk_tokens[b, t // CHUNK, 2]) - TOKEN_OFFSET["direction"]] for t in range(9)]
+        last = int(lead[b]) * CHUNK - 1
+        assert all(a.direction[t] == prompted[t] for t in range(max(last + 1, 1), 9)), (b, last, a.direction)
+        if last > 0:
+            prompted = prompted[0]
+            before = set(a.direction[1:last + 1])
+            assert len(before) == 1 and prompted not in before, (b, last, a.direction)  # one other motion, or still
+            kinds |= before
+    assert STILL in kinds and len(kinds) >= 3
+    assert (clip_batch(11, 48, 3, switch_prob=0.3).lead_in_chunks == 0).all()
 
-    trainer = Trainer(config(tmp_path, still_prob=0.6, batch=16))
+    trainer = Trainer(config(tmp_path, lead_in_prob=0.6, batch=16))
     for step in range(3):
         inp = trainer.inputs(step)
         cb = clip_batch(step_seed(7, step, 0), 16, 3, 0.3, 0.6)
         for b in range(16):
-            assert not inp.weight[b, :int(cb.still_chunks[b])].any()   # still chunks are context only
+            assert not inp.weight[b, :int(cb.lead_in_chunks[b])].any()   # the lead-in is context only
 
 
 def test_phase2_gives_no_loss_where_the_teacher_found_nothing(tmp_path, monkeypatch):

@@ -44,8 +44,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--switch-prob", type=float, default=d.switch_prob)
     g.add_argument("--df-prob", type=float, default=d.df_prob, help="phase-1 clips with every chunk noisy")
     g.add_argument("--sampler-step-prob", type=float, default=d.sampler_step_prob)
-    g.add_argument("--still-prob", type=float, default=d.still_prob,
-                   help="phase-1 clips whose object holds still for 1–2 chunks, then moves (teaches: move as the prompt says)")
+    g.add_argument("--lead-in-prob", type=float, default=d.lead_in_prob,
+                   help="phase-1 clips whose first 1–2 chunks hold still or move another way than the prompt "
+                        "(teaches: move as the prompt says, whatever the context did)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=d.lr)
     o.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)

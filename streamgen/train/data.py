@@ -26,38 +26,44 @@ def step_seed(seed: int, step: int, stream: int) -> int:
 @dataclass
 class ClipBatch:
     """Latents [B, T, 3, 32, 32], prompt ids per chunk [B, chunks, 3], switch chunk per clip (−1: none),
-    leading still chunks per clip (0: none; see `clip_batch`)."""
+    lead-in chunks per clip (0: none; see `clip_batch`)."""
 
     latents: Tensor
     chunk_tokens: Tensor
     switch_chunk: Tensor
-    still_chunks: Tensor
+    lead_in_chunks: Tensor
 
     @property
     def chunks(self) -> int:
         return self.chunk_tokens.shape[1]
 
 
-def clip_batch(seed: int, batch: int, chunks: int, switch_prob: float, still_prob: float = 0.0) -> ClipBatch:
+def clip_batch(seed: int, batch: int, chunks: int, switch_prob: float, lead_in_prob: float = 0.0) -> ClipBatch:
     """Phase-1 clips: `chunks`·3 frames, one switch in `switch_prob` of clips, at a chunk boundary.
 
-    In `still_prob` of the clips without a switch, the object holds still for the first 1…chunks−1
-    chunks (they repeat the last still frame), then moves under the prompt. A model trained on the
-    world alone learns to continue the motion it sees in its context; from a still or wobbly start
-    (its own first chunk, generated from noise) it then hardly moves. These clips teach it to move
-    the way the prompt says whatever the context did. The still chunks are context only: no loss
-    (see `Trainer.phase1_inputs`)."""
+    In `lead_in_prob` of the clips without a switch, the first 1…chunks−1 chunks (the lead-in) show
+    the object holding still or moving another way than the prompt says, up to where the clip's own
+    motion takes over. A model trained on the world alone continues the motion its context shows;
+    at inference its context is its own first chunk, generated from noise, whose motion is arbitrary,
+    so a stream kept the first chunk's direction whatever the prompt said. These clips teach it to
+    move as the prompt says whatever the context did. The lead-in is context only: no loss (see
+    `Trainer.phase1_inputs`)."""
     video, tokens, meta = sample_batch(seed, batch, chunks * CHUNK, switch_prob, switch_align=CHUNK, with_meta=True)
     switch = torch.from_numpy(meta.switch_frame) // CHUNK
     switch[torch.from_numpy(meta.switch_frame) < 0] = -1
     latents = frames_to_latents(video)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
-    pick = (rng.random(batch) < still_prob) & (switch.numpy() < 0) & (chunks > 1)
-    still = np.where(pick, rng.integers(1, max(chunks, 2), batch), 0)
-    for b in np.flatnonzero(still):
-        last = int(still[b]) * CHUNK - 1
-        latents[b, :last] = latents[b, last]
-    return ClipBatch(latents, tokens[:, ::CHUNK].contiguous(), switch, torch.from_numpy(still))
+    pick = (rng.random(batch) < lead_in_prob) & (switch.numpy() < 0) & (chunks > 1)
+    lead_in = np.where(pick, rng.integers(1, max(chunks, 2), batch), 0)
+    lead_dir = rng.integers(0, N_DIRECTIONS, batch)  # a lead-in never moves the prompt's way: that is a plain clip
+    for b in np.flatnonzero(lead_in):
+        last = int(lead_in[b]) * CHUNK - 1  # the lead-in's last frame, where the clip's own motion starts from
+        delta = np.zeros(2, np.int64) if lead_dir[b] == meta.direction[b, 0] else DIRECTION_DELTA_ARRAY[lead_dir[b]]
+        back = np.arange(last, 0, -1)[:, None] * delta * SPEED_TOKENS            # frames 0…last−1
+        rows, cols = (meta.row[b, last] - back[:, 0]) % GRID, (meta.col[b, last] - back[:, 1]) % GRID
+        frames = render_indices(meta.shape[b, :last], meta.colour[b, :last], rows, cols)
+        latents[b, :last] = frames_to_latents(torch.from_numpy(frames))
+    return ClipBatch(latents, tokens[:, ::CHUNK].contiguous(), switch, torch.from_numpy(lead_in))
 
 
 @dataclass

@@ -89,7 +89,7 @@ class Trainer:
 
     def phase1_inputs(self, step: int):
         cfg = self.cfg
-        cb = clip_batch(step_seed(cfg.seed, step, 0), cfg.batch, cfg.clip_chunks, cfg.switch_prob, cfg.still_prob)
+        cb = clip_batch(step_seed(cfg.seed, step, 0), cfg.batch, cfg.clip_chunks, cfg.switch_prob, cfg.lead_in_prob)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1))
         b, chunks = cfg.batch, cfg.clip_chunks
         levels = sample_levels(self.schedule, self.sampler_steps, b, chunks, gen, clean_prefixes(b, chunks, gen, cfg.df_prob),
@@ -97,7 +97,7 @@ class Trainer:
         x, t, v = noisy_inputs(self.schedule, cb.latents, levels.t, CHUNK, gen)
         tokens = cb.chunk_tokens[:, -1]  # the window is encoded under the newest chunk's prompt (re-cache)
         valid = (cb.chunk_tokens == tokens[:, None]).all(-1)  # chunks shown under another prompt get no loss
-        valid &= torch.arange(chunks)[None, :] >= cb.still_chunks[:, None]  # still chunks are context only
+        valid &= torch.arange(chunks)[None, :] >= cb.lead_in_chunks[:, None]  # the lead-in is context only
         ids = torch.tensor([recache_ids(chunks, int(s) if s > 0 else None) for s in cb.switch_chunk])
         return x, t, v, tokens, ids, levels.noisy & valid, {}
 
