@@ -97,6 +97,10 @@ def test_lead_in_clips_move_otherwise_then_as_prompted_and_carry_no_loss(tmp_pat
             kinds |= before
     assert STILL in kinds and len(kinds) >= 3
     assert (clip_batch(11, 48, 3, switch_prob=0.3).lead_in_chunks == 0).all()
+    still = clip_batch(11, 48, 3, switch_prob=0.3, lead_in_prob=0.6, lead_in_motion="still")
+    for b in range(48):
+        last = int(still.lead_in_chunks[b]) * CHUNK - 1
+        assert all(torch.equal(still.latents[b, t], still.latents[b, last]) for t in range(max(last, 0)))
 
     trainer = Trainer(config(tmp_path, lead_in_prob=0.6, batch=16))
     for step in range(3):

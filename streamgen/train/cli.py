@@ -31,6 +31,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=d.out, help=f"run folder: checkpoints, log.jsonl, weights, eval (default {d.out})")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--until", type=int, metavar="STEP",
+                   help="stop at this step of the schedule (checkpoint, export and eval there); the schedule "
+                        "(warm-up, cosine) still spans --phase1-steps + --phase2-steps")
     g = p.add_argument_group("schedule")
     g.add_argument("--phase1-steps", type=int, default=d.phase1_steps)
     g.add_argument("--phase2-steps", type=int, default=d.phase2_steps)
@@ -47,6 +50,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lead-in-prob", type=float, default=d.lead_in_prob,
                    help="phase-1 clips whose first 1–2 chunks hold still or move another way than the prompt "
                         "(teaches: move as the prompt says, whatever the context did)")
+    g.add_argument("--lead-in-motion", choices=("any", "still"), default=d.lead_in_motion,
+                   help="lead-ins move another way or hold still (any), or only hold still")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=d.lr)
     o.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
@@ -101,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     start = time.perf_counter()
-    trainer.run(progress=not args.quiet)
+    trainer.run(progress=not args.quiet, until=args.until)
     print(f"trained to step {trainer.step} in {time.perf_counter() - start:.0f} s this session "
           f"({trainer.elapsed:.0f} s of steps in total)")
     path = export_ema(trainer, out / "embedded.safetensors")

@@ -38,7 +38,8 @@ class ClipBatch:
         return self.chunk_tokens.shape[1]
 
 
-def clip_batch(seed: int, batch: int, chunks: int, switch_prob: float, lead_in_prob: float = 0.0) -> ClipBatch:
+def clip_batch(seed: int, batch: int, chunks: int, switch_prob: float, lead_in_prob: float = 0.0,
+               lead_in_motion: str = "any") -> ClipBatch:
     """Phase-1 clips: `chunks`·3 frames, one switch in `switch_prob` of clips, at a chunk boundary.
 
     In `lead_in_prob` of the clips without a switch, the first 1…chunks−1 chunks (the lead-in) show
@@ -47,7 +48,9 @@ def clip_batch(seed: int, batch: int, chunks: int, switch_prob: float, lead_in_p
     at inference its context is its own first chunk, generated from noise, whose motion is arbitrary,
     so a stream kept the first chunk's direction whatever the prompt said. These clips teach it to
     move as the prompt says whatever the context did. The lead-in is context only: no loss (see
-    `Trainer.phase1_inputs`)."""
+    `Trainer.phase1_inputs`). `lead_in_motion` "still" only ever holds still (the first recipe)."""
+    if lead_in_motion not in ("any", "still"):
+        raise ValueError(f"lead_in_motion is 'any' or 'still', not {lead_in_motion!r}")
     video, tokens, meta = sample_batch(seed, batch, chunks * CHUNK, switch_prob, switch_align=CHUNK, with_meta=True)
     switch = torch.from_numpy(meta.switch_frame) // CHUNK
     switch[torch.from_numpy(meta.switch_frame) < 0] = -1
@@ -58,7 +61,8 @@ def clip_batch(seed: int, batch: int, chunks: int, switch_prob: float, lead_in_p
     lead_dir = rng.integers(0, N_DIRECTIONS, batch)  # a lead-in never moves the prompt's way: that is a plain clip
     for b in np.flatnonzero(lead_in):
         last = int(lead_in[b]) * CHUNK - 1  # the lead-in's last frame, where the clip's own motion starts from
-        delta = np.zeros(2, np.int64) if lead_dir[b] == meta.direction[b, 0] else DIRECTION_DELTA_ARRAY[lead_dir[b]]
+        still = lead_in_motion == "still" or lead_dir[b] == meta.direction[b, 0]
+        delta = np.zeros(2, np.int64) if still else DIRECTION_DELTA_ARRAY[lead_dir[b]]
         back = np.arange(last, 0, -1)[:, None] * delta * SPEED_TOKENS            # frames 0…last−1
         rows, cols = (meta.row[b, last] - back[:, 0]) % GRID, (meta.col[b, last] - back[:, 1]) % GRID
         frames = render_indices(meta.shape[b, :last], meta.colour[b, :last], rows, cols)

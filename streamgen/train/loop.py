@@ -89,7 +89,8 @@ class Trainer:
 
     def phase1_inputs(self, step: int):
         cfg = self.cfg
-        cb = clip_batch(step_seed(cfg.seed, step, 0), cfg.batch, cfg.clip_chunks, cfg.switch_prob, cfg.lead_in_prob)
+        cb = clip_batch(step_seed(cfg.seed, step, 0), cfg.batch, cfg.clip_chunks, cfg.switch_prob, cfg.lead_in_prob,
+                        cfg.lead_in_motion)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1))
         b, chunks = cfg.batch, cfg.clip_chunks
         levels = sample_levels(self.schedule, self.sampler_steps, b, chunks, gen, clean_prefixes(b, chunks, gen, cfg.df_prob),
