@@ -53,6 +53,8 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed.scheduler.get_last_lr() == first.scheduler.get_last_lr()
     assert _next_loss(resumed) == pytest.approx(expected, rel=1e-6, abs=1e-7)
     assert [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="peak learning rate"):
+        Trainer(config(tmp_path / "b", lr=5e-3)).load_checkpoint()
 
 
 def test_export_loads_as_a_bundle_that_streams_and_evaluates(tmp_path):

@@ -178,6 +178,9 @@ class Trainer:
         saved = TrainConfig.from_dict(state["config"])
         if saved.model != self.cfg.model:
             raise ValueError(f"checkpoint model {saved.model} differs from the requested {self.cfg.model}")
+        if saved.lr != self.cfg.lr:  # the optimiser and scheduler state carry the peak lr; a new one would be ignored
+            raise ValueError(f"--lr {self.cfg.lr:g} differs from the checkpoint's {saved.lr:g}: a resumed run keeps the "
+                             "peak learning rate it started with (the schedule's shape follows the new step totals)")
         self.step, self.elapsed, self.history = state["step"], state["elapsed"], state["history"]
         self.ema.load_state_dict(state["ema"])
         return True
