@@ -38,12 +38,10 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     from .bench import engine
     from .bench.results import save_result
     from .engine.stream import StreamConfig
-    from .models.bundle import require_cuda_for
     from .models.config import DiTConfig
     from .models.registry import bench_setup_from_args, precision_settings
 
     precision = precision_settings(args)
-    require_cuda_for(precision.get("compile", "none"))
     setup = bench_setup_from_args(args)  # --model NAME --random-weights: that family's real architecture and settings
     if setup is not None:
         model, stream = setup
@@ -72,13 +70,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from .backends.ray.cluster import ray_settings
-    from .models.bundle import require_cuda_for
     from .models.registry import precision_settings
     from .serve.config import ServeConfig
     from .serve.server import serve_forever
 
     precision = precision_settings(args)
-    require_cuda_for(precision.get("compile", "none"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)  # one line per ICE check otherwise
     given = {"model": args.model, "prompt": args.prompt, "model_dir": args.model_dir, "precision": precision or None}

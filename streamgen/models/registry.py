@@ -1007,9 +1007,13 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
 
 def precision_settings(args: argparse.Namespace) -> dict[str, str]:
     """The `load_bundle` keywords (dtype, quant, compile) the options of `add_precision_arguments` set;
-    defaults are left out, so a command line without them passes nothing."""
+    defaults are left out, so a command line without them passes nothing. `--cuda-graphs` without a GPU is
+    refused here, before the command builds or loads anything."""
+    from .bundle import require_cuda_for
+
     defaults = {"dtype": "auto", "quant": "none", "compile": "none"}
     compile = "cuda-graphs" if args.cuda_graphs else "inductor" if args.compile else "none"
+    require_cuda_for(compile)
     given = {"dtype": args.dtype, "quant": args.quant, "compile": compile}
     return {k: v for k, v in given.items() if v != defaults[k]}
 
