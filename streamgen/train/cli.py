@@ -24,6 +24,7 @@ def _bool(text: str) -> bool:
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `train` sub-command to an argparse subparsers object."""
     from .config import DEFAULTS as d  # torch-free: the parser costs nothing until `train` runs
+    from .config import LEAD_IN_MOTIONS
 
     p = subparsers.add_parser("train", help="train the embedded model (DeepSpeed; CPU by default)",
                               description="Phase 1: Diffusion Forcing on world clips. Phase 2: self-forcing rollouts "
@@ -50,7 +51,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lead-in-prob", type=float, default=d.lead_in_prob,
                    help="phase-1 clips whose first 1–2 chunks hold still or move another way than the prompt "
                         "(teaches: move as the prompt says, whatever the context did)")
-    g.add_argument("--lead-in-motion", choices=("any", "still"), default=d.lead_in_motion,
+    g.add_argument("--lead-in-motion", choices=LEAD_IN_MOTIONS, default=d.lead_in_motion,
                    help="lead-ins move another way or hold still (any), or only hold still")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=d.lr)

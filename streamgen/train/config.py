@@ -13,6 +13,9 @@ def default_model() -> dict[str, Any]:
     return EMBEDDED_DIT.to_dict()
 
 
+LEAD_IN_MOTIONS = ("any", "still")  # see data.clip_batch
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a run (saved in checkpoints and the exported file)."""
@@ -27,7 +30,7 @@ class TrainConfig:
     df_prob: float = 0.3            # phase-1 clips with every chunk noisy (else a clean prefix of 1–2 chunks)
     sampler_step_prob: float = 0.25  # levels drawn from the sampler's own timesteps instead of the table
     lead_in_prob: float = 0.0       # phase-1 clips (no switch) that start still or moving another way
-    lead_in_motion: str = "any"      # the lead-in moves another way or holds still (any), or only holds still
+    lead_in_motion: str = "any"     # LEAD_IN_MOTIONS: moves another way or holds still (any), or only holds still
     p2_batch: int = 8               # rollouts per phase-2 step
     p2_max_rollout: int = 4         # context chunks generated before the target: R ∈ 0…this
     p2_switch_prob: float = 0.4     # phase-2 steps whose rollout switches prompt at a chunk boundary 1…R

@@ -14,6 +14,7 @@ from ..world.checker import FG_THRESHOLD, analyze
 from ..world.clips import N_COLOURS, N_DIRECTIONS, N_SHAPES
 from ..world.render import DIRECTION_DELTA_ARRAY, SPEED_TOKENS, TOKEN_SIZE, render_indices
 from ..world.vocab import TOKEN_OFFSET
+from .config import LEAD_IN_MOTIONS
 
 CHUNK = 3  # frames per chunk (the stream's chunk_frames)
 
@@ -49,8 +50,8 @@ def clip_batch(seed: int, batch: int, chunks: int, switch_prob: float, lead_in_p
     so a stream kept the first chunk's direction whatever the prompt said. These clips teach it to
     move as the prompt says whatever the context did. The lead-in is context only: no loss (see
     `Trainer.phase1_inputs`). `lead_in_motion` "still" only ever holds still (the first recipe)."""
-    if lead_in_motion not in ("any", "still"):
-        raise ValueError(f"lead_in_motion is 'any' or 'still', not {lead_in_motion!r}")
+    if lead_in_motion not in LEAD_IN_MOTIONS:
+        raise ValueError(f"lead_in_motion is one of {LEAD_IN_MOTIONS}, not {lead_in_motion!r}")
     video, tokens, meta = sample_batch(seed, batch, chunks * CHUNK, switch_prob, switch_align=CHUNK, with_meta=True)
     switch = torch.from_numpy(meta.switch_frame) // CHUNK
     switch[torch.from_numpy(meta.switch_frame) < 0] = -1

@@ -87,7 +87,7 @@ class SelfForcingBatch:
     own_t: Tensor         # [B]: that step's timestep
     tokens: Tensor        # [B, 3]: the target chunk's prompt (the whole window is encoded under it)
     block_ids: list[int]  # attention blocks over [ctx chunks…, target]
-    found: Tensor         # [B] bool: the teacher found the generated object (R = 0: always usable)
+    found: Tensor         # [B] bool: the teacher found the generated object (R = 0: its target is usable either way)
     rollout_chunks: int   # chunks generated before the target (0: the target is the first chunk)
 
 
