@@ -58,7 +58,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     from .models.registry import bench_decoder
 
     result = engine.run(engine.EngineBench(model, stream, args.chunks, args.threads, args.seed, bench_decoder(args),
-                                           **precision), progress=not args.quiet)
+                                           device=args.device, **precision), progress=not args.quiet)
     print(engine.render(result))
     tag = f"{args.model}-" if args.model else ""
     print(f"saved {save_result(result, args.out, f'engine-{tag}{stream.policy}-{stream.schedule}')}")
@@ -72,16 +72,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .backends.ray.cluster import ray_settings
     from .models.registry import precision_settings
     from .serve.config import ServeConfig
+    from .serve.limits import check_exposure, read_token
     from .serve.server import serve_forever
 
     precision = precision_settings(args)
+    try:
+        token = read_token(args.token_file)
+        check_exposure(args.host, token)
+    except ValueError as exc:
+        print(f"streamgen serve: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)  # one line per ICE check otherwise
     given = {"model": args.model, "prompt": args.prompt, "model_dir": args.model_dir, "precision": precision or None}
     config = ServeConfig(host=args.host, port=args.port, max_sessions=args.max_sessions,
-                         max_sessions_per_ip=args.max_sessions_per_ip, token=args.token, ice_servers=args.ice_server,
+                         max_sessions_per_ip=args.max_sessions_per_ip, token=token, ice_servers=args.ice_server,
                          display_size=args.display_size, codec=args.codec, bitrate=args.bitrate, grace_s=args.grace,
-                         threads=args.threads, backend=args.backend,
+                         threads=args.threads, backend=args.backend, scheduler=args.scheduler,
                          ray=ray_settings(args) if args.backend == "ray" else {},
                          **{k: v for k, v in given.items() if v is not None})
     try:
@@ -93,15 +100,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    try:
-        from streamgen_client.cli import run_args
-    except ImportError:  # not installed: use the copy in this repository
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python"))
-        from streamgen_client.cli import run_args
+    from streamgen_client.cli import run_args  # installed with streamgen (and on its own: clients/python)
+
     return run_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .backends.names import SCHEDULERS
     from .backends.ray.cluster import add_ray_arguments
     from .models.registry import (  # light: imports no torch
         add_bench_model_options,
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--steps", type=float, nargs="+")
     eng.add_argument("--chunks", type=int, default=1011)
     eng.add_argument("--threads", type=int)
+    eng.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the DiT and the decoder run (default cpu)")
     eng.add_argument("--dim", type=int, help="DiT width (default 128; with --model the family's, or reduced keeping head size)")
     eng.add_argument("--ffn-dim", type=int)
     eng.add_argument("--heads", type=int, help="default 2; with --model dim / head size")
@@ -166,14 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prompt", help="prompt for sessions whose offer carries none")
     serve.add_argument("--max-sessions", type=int, default=4)
     serve.add_argument("--max-sessions-per-ip", type=int, default=2)
-    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on the API (/health stays open)")
+    serve.add_argument("--token-file", metavar="FILE",
+                       help="require 'Authorization: Bearer TOKEN' on the API, TOKEN being the file's first line "
+                            "(default: $STREAMGEN_TOKEN if set, else no token; a non-loopback --host requires one)")
     serve.add_argument("--ice-server", nargs="+", action="extend", default=[], metavar="URL",
                        help="STUN/TURN servers: stun:HOST:PORT, turn:USER:PASSWORD@HOST:PORT (default none: loopback/LAN)")
     serve.add_argument("--display-size", type=int, default=256, help="upscale frames (nearest) to this longer side")
     serve.add_argument("--codec", choices=["vp8", "h264"], default="vp8", help="preferred video codec")
     serve.add_argument("--bitrate", type=int, help="video bits/s (default from size and fps)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds a dropped session waits for a reconnect")
-    serve.add_argument("--threads", type=int, help="torch threads (default cores / max sessions)")
+    serve.add_argument("--threads", type=int, help="torch threads (default: every core for the engine loop; "
+                                                   "cores / max sessions with --scheduler threads)")
+    serve.add_argument("--scheduler", choices=SCHEDULERS, default="engine",
+                       help="local backend: 'engine' (default) runs every session's DiT calls in one loop, batched; "
+                            "'threads' gives each session its own generation thread")
     add_precision_arguments(serve)
     add_ray_arguments(serve)
     serve.set_defaults(func=cmd_serve)

@@ -32,6 +32,7 @@ from streamgen.models.bundle import load_bundle  # noqa: E402
 from streamgen.serve.config import ServeConfig  # noqa: E402
 from streamgen.serve.frames import Frame, FrameQueue  # noqa: E402
 from streamgen.serve.ice import ice_servers  # noqa: E402
+from streamgen.serve.limits import check_exposure  # noqa: E402
 from streamgen.serve.server import Server  # noqa: E402
 from streamgen.serve.track import PacedVideoTrack  # noqa: E402
 from streamgen_client import ControlError, ReceivedFrame, ServerError, StreamClient  # noqa: E402
@@ -303,11 +304,18 @@ def test_token_guards_the_api_but_not_health(tmp_path: Path) -> None:
     run(main())
 
 
-def test_cli_serve_with_token() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "streamgen.cli", "serve", "--port", "0", "--token", "t0k",
-                             "--model", "tiny-random"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+@pytest.mark.parametrize("source", ["env", "file"])
+def test_cli_serve_with_token(source, tmp_path) -> None:
+    """The token comes from $STREAMGEN_TOKEN or --token-file, never argv (visible in `ps`)."""
+    env = {k: v for k, v in os.environ.items() if k != "STREAMGEN_TOKEN"}
+    argv = [sys.executable, "-m", "streamgen.cli", "serve", "--port", "0", "--model", "tiny-random"]
+    if source == "env":
+        env["STREAMGEN_TOKEN"] = "t0k"
+    else:
+        (tmp_path / "token").write_text("t0k\n")
+        argv += ["--token-file", str(tmp_path / "token")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**env, "PYTHONUNBUFFERED": "1"})
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://\S+", line).group(0)
@@ -320,6 +328,21 @@ def test_cli_serve_with_token() -> None:
     finally:
         proc.terminate()
         assert proc.wait(15) == 0, proc.stderr.read()
+
+
+def test_cli_serve_refuses_an_exposed_bind_without_a_token(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "STREAMGEN_TOKEN"}
+    done = subprocess.run([sys.executable, "-m", "streamgen.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert done.returncode == 2 and "refusing to bind 0.0.0.0 without a token" in done.stderr, done.stderr
+    (tmp_path / "empty").write_text("")
+    done = subprocess.run([sys.executable, "-m", "streamgen.cli", "serve", "--token-file", str(tmp_path / "empty")],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert done.returncode == 2 and "is empty" in done.stderr, done.stderr
+    with pytest.raises(ValueError, match="without a token"):
+        check_exposure("10.0.0.1", None)
+    check_exposure("10.0.0.1", "t")
+    check_exposure("::1", None)
 
 
 def test_ice_server_urls() -> None:

@@ -5,7 +5,9 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from ..engine.frame_stream import FrameStream
+from ..engine.scheduler import ChunkSink
 from ..models.bundle import ModelBundle
+from .driver import StreamHandle, ThreadDriver
 
 
 class CapacityError(RuntimeError):
@@ -21,6 +23,13 @@ class Backend(ABC):
     @abstractmethod
     def open(self, prompt: str, overrides: dict[str, Any] | None = None) -> FrameStream:
         """A new stream (raises CapacityError when full, ValueError for bad prompts or settings)."""
+
+    def start(self, name: str, stream: FrameStream, sink: ChunkSink) -> StreamHandle:
+        """Generate `stream`'s chunks for `sink` until stopped (default: a thread driving `next()`)."""
+        return ThreadDriver(name, stream, sink)
+
+    def shutdown(self) -> None:
+        """Release what the backend holds (threads, actors); idempotent."""
 
     @abstractmethod
     def close(self, stream: FrameStream) -> None:

@@ -1,22 +1,32 @@
-"""In-process backend: streams share the model weights; each stream's state is its own."""
+"""In-process backend: streams share the model weights and one engine loop; each stream's state is its own."""
 from __future__ import annotations
 
 import threading
 from typing import Any
 
 from ..engine.frame_stream import FrameStream
+from ..engine.scheduler import ChunkSink, Engine
 from ..models.bundle import ModelBundle
 from .base import Backend, CapacityError
+from .driver import EngineHandle, StreamHandle
+from .names import SCHEDULERS
 
 
 class LocalBackend(Backend):
-    """Runs up to `max_streams` streams of one model in this process (callers drive `next()`)."""
+    """Up to `max_streams` streams of one model in this process. Streams handed to `start` run on the
+    model's engine loop (batched across streams unless `batch=False`), or with scheduler "threads" each
+    on a thread of its own (what streamgen did before the engine loop; kept to measure against);
+    others are driven by their caller through `next()` (render jobs, benchmarks)."""
 
     name = "local"
 
-    def __init__(self, bundle: ModelBundle, max_streams: int = 4) -> None:
+    def __init__(self, bundle: ModelBundle, max_streams: int = 4, batch: bool = True, scheduler: str = "engine") -> None:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
         self.bundle = bundle
         self.max_streams = max_streams
+        self.scheduler = scheduler
+        self.engine = Engine(bundle.dit, batch=batch, name=f"engine-{bundle.name}")
         self._open: set[int] = set()
         self._lock = threading.Lock()
 
@@ -28,10 +38,20 @@ class LocalBackend(Backend):
             self._open.add(id(stream))
         return stream
 
+    def start(self, name: str, stream: FrameStream, sink: ChunkSink) -> StreamHandle:
+        if self.scheduler == "threads":
+            return super().start(name, stream, sink)
+        self.engine.start()
+        return EngineHandle(self.engine, self.engine.add(name, stream, sink))
+
     def close(self, stream: FrameStream) -> None:
         with self._lock:
             self._open.discard(id(stream))
 
+    def shutdown(self) -> None:
+        self.engine.stop()
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"backend": self.name, "model": self.bundle.name, "streams": len(self._open), "capacity": self.max_streams}
+            return {"backend": self.name, "model": self.bundle.name, "streams": len(self._open), "capacity": self.max_streams,
+                    "engine": self.engine.stats()}

@@ -30,22 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..backends.names import SCHEDULERS
 from .results import save_result
 
-CLIENT_PATH = Path(__file__).resolve().parents[2] / "clients" / "python"
 GOAL_FIRST_FRAME_S = 1.5
 GOAL_P95_OVER_NOMINAL = 1.5
 
 
 # --- client process ---------------------------------------------------------------------------------
-def _import_client():
-    try:
-        import streamgen_client
-    except ImportError:  # not installed: the copy in this repository (as `streamgen client` does)
-        sys.path.insert(0, str(CLIENT_PATH))
-        import streamgen_client
-    return streamgen_client
-
 
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
@@ -60,7 +52,7 @@ def _emit(event: str, **data: Any) -> None:
 
 async def _client_worker(cfg: dict[str, Any]) -> None:
     """Run `sessions` clients against `url`; report on stdout: start/end of the steady window, then results."""
-    client_mod = _import_client()
+    import streamgen_client as client_mod  # installed with streamgen
 
     class TimedClient(client_mod.StreamClient):
         """Notes when the offer is posted (the start of 'offer → first frame')."""
@@ -117,10 +109,25 @@ async def _client_worker(cfg: dict[str, Any]) -> None:
                 ack_ms = 1000 * (time.monotonic() - sent)
                 shown = (await client.session())["frame"]
                 results.append({"ack_ms": ack_ms, "ack_frame": ack["frame"], "frame_on_screen": shown,
-                                "frames_ahead": max(0, ack["frame"] - shown)})
+                                "frames_ahead": max(0, ack["frame"] - shown), "ack_of": ack["of"]})
             return results
 
-        watched = await asyncio.gather(*(watch(c) for c in clients), *(change_prompts(c, i) for i, c in enumerate(clients)))
+        async def poll_health() -> list[float]:
+            """/health round trips through the window (the event loop must never block)."""
+            import aiohttp
+
+            times = []
+            async with aiohttp.ClientSession() as http:
+                while time.monotonic() < end:
+                    sent = time.monotonic()
+                    async with http.get(f"{cfg['url']}/health") as r:
+                        await r.read()
+                    times.append(1000 * (time.monotonic() - sent))
+                    await asyncio.sleep(0.25)
+            return times
+
+        watched = await asyncio.gather(*(watch(c) for c in clients), *(change_prompts(c, i) for i, c in enumerate(clients)),
+                                       poll_health())
         wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
         _emit("end")
         after = await asyncio.gather(*(c.session() for c in clients))
@@ -147,7 +154,7 @@ async def _client_worker(cfg: dict[str, Any]) -> None:
                 "prompt_ack_ms": [p["ack_ms"] for p in acks],
                 "prompt_visible_ms_est": [p["ack_ms"] + 1000 * p["frames_ahead"] / fps for p in acks],
             })
-        _emit("result", wall_s=wall, client_cpu_s=cpu, sessions=per_session)
+        _emit("result", wall_s=wall, client_cpu_s=cpu, sessions=per_session, health_ms=watched[-1])
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
@@ -159,8 +166,7 @@ async def _run_load(url: str, sessions: int, seconds: float, prompt_changes: int
            "codec": codec}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "streamgen.bench.serve", "_worker", json.dumps(cfg),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(CLIENT_PATH), os.environ.get("PYTHONPATH", "")])})
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     cpu: dict[str, float] = {}
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -204,6 +210,9 @@ async def _run_load(url: str, sessions: int, seconds: float, prompt_changes: int
         "prompt_ack_ms_p50": _pct(acks, 50), "prompt_ack_ms_p95": _pct(acks, 95),
         "prompt_visible_ms_est_p50": _pct(visible, 50),
         "prompt_errors": sum(1 for s in per for p in s["prompt_changes"] if "error" in p),
+        # an ack answers its own message: the client matches replies by id, so a wrong one shows as another kind
+        "acks_of_another_message": sum(1 for s in per for p in s["prompt_changes"] if p.get("ack_of", "prompt") != "prompt"),
+        "health_ms_p50": _pct(result["health_ms"], 50), "health_ms_max": max(result["health_ms"], default=None),
         "server_cpu_pct_per_session": server_cpu,
         "client_cpu_pct_per_session": 100 * result["client_cpu_s"] / wall / sessions,
     }
@@ -211,6 +220,16 @@ async def _run_load(url: str, sessions: int, seconds: float, prompt_changes: int
 
 
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.url is not None or len(args.scheduler) == 1:
+        return await _bench_one(args, args.scheduler[0])
+    runs = {}
+    for scheduler in args.scheduler:  # the same loads against each, one after the other, in this one run
+        say(args, f"scheduler {scheduler}")
+        runs[scheduler] = await _bench_one(args, scheduler)
+    return {"benchmark": "serve", "compare": "scheduler", "runs": runs}
+
+
+async def _bench_one(args: argparse.Namespace, scheduler: str) -> dict[str, Any]:
     from ..serve.config import ServeConfig
 
     loads = sorted(set(args.sessions))
@@ -222,7 +241,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         most = max(loads)
         server = Server(ServeConfig(port=0, model=args.model or ServeConfig.model, max_sessions=max(most, args.max_sessions or 0),
                                     max_sessions_per_ip=max(most, args.max_sessions or 0), threads=args.threads,
-                                    codec=args.codec or "vp8"))
+                                    codec=args.codec or "vp8", scheduler=scheduler))
         await server.start()
         url = server.url
     try:
@@ -232,6 +251,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                         "python": platform.python_version()},
             "server": ({"url": None, "model": server.config.model, "max_sessions": server.config.max_sessions,
                         "torch_threads": server.config.torch_threads(), "codec": server.config.codec,
+                        "scheduler": server.config.scheduler,
                         "display_size": server.config.display_size, "in_process": True}
                        if server else {"url": url, "in_process": False}),
             "seconds": args.seconds, "prompt_changes": args.prompt_changes, "loads": {},
@@ -265,8 +285,11 @@ def say(args: argparse.Namespace, text: str) -> None:
 
 
 def render(result: dict[str, Any]) -> str:
+    if "runs" in result:
+        return "\n".join(render(run) for run in result["runs"].values())
     srv = result["server"]
-    where = (f"in-process server, model {srv['model']}, torch threads {srv['torch_threads']}, {srv['codec']}, "
+    where = (f"in-process server, model {srv['model']}, scheduler {srv['scheduler']}, torch threads {srv['torch_threads']}, "
+             f"{srv['codec']}, "
              f"{srv['display_size']} px" if srv["in_process"] else f"server {srv['url']}")
     lines = [f"bench serve: {where}; {result['machine']['cpus']} CPUs; {result['seconds']:g} s per load"]
     if "cold_first_frame_s" in result:
@@ -285,6 +308,9 @@ def render(result: dict[str, Any]) -> str:
             ("prompt → ack p95", "prompt_ack_ms_p95", " ms", 1, 0),
             ("prompt → visible p50 (est.)", "prompt_visible_ms_est_p50", " ms", 1, 0),
             ("server CPU per session", "server_cpu_pct_per_session", " % core", 1, 1),
+            ("acks of another message", "acks_of_another_message", "", 1, 0),
+            ("/health p50", "health_ms_p50", " ms", 1, 1),
+            ("/health max", "health_ms_max", " ms", 1, 1),
             ("client CPU per session", "client_cpu_pct_per_session", " % core", 1, 1)]
     loads = result["loads"]
     lines.append(f"  {'':<38}" + "".join(f"{n + ' session' + ('s' if n != '1' else ''):>16}" for n in loads))
@@ -306,7 +332,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         print(f"streamgen bench serve: {exc}", file=sys.stderr)
         return 1
     print(render(result))
-    print(f"saved {save_result(result, args.out, 'serve-' + (result['server'].get('model') or 'url'))}")
+    first = next(iter(result["runs"].values())) if "runs" in result else result
+    print(f"saved {save_result(result, args.out, 'serve-' + (first['server'].get('model') or 'url'))}")
     return 0
 
 
@@ -321,7 +348,10 @@ def add_serve_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt-changes", type=int, default=4, help="prompt changes per session in the window")
     p.add_argument("--max-sessions", type=int, help="in-process server capacity (default: the largest load); "
                                                     "sets torch threads = cores / this")
-    p.add_argument("--threads", type=int, help="torch threads of the in-process server (default cores / max sessions)")
+    p.add_argument("--threads", type=int, help="torch threads of the in-process server (default: the server's)")
+    p.add_argument("--scheduler", nargs="+", choices=SCHEDULERS, default=["engine"],
+                   help="the in-process server's local scheduler; several: each measured in this run, one after the other "
+                        "(engine = one batched loop for all sessions; threads = a generation thread per session)")
     p.add_argument("--codec", choices=["vp8", "h264"], help="codec to ask for (default: the server's, VP8)")
     p.add_argument("--token", help="bearer token of the server at --url")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the discarded warm-up session")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -21,7 +22,41 @@ from ..models.dit import CrossKV
 from ..sampling.denoiser import DiTCall, Denoiser
 from ..sampling.few_step import FewStepSampler
 from ..sampling.rolling import RollingSampler
+from ..sampling.steps import Steps
 from .noise import NoiseSource
+
+R = TypeVar("R")
+Calls = Generator[list[DiTCall], list[Tensor], R]
+"""A computation as DiT calls: yields groups of independent calls, is sent their flows, returns R.
+The engine loop batches the groups of many streams; `drive` runs one alone."""
+
+
+def drive(denoiser: Denoiser, calls: Calls[R]) -> R:
+    """Run each yielded group as one forward of `denoiser` (a stream on its own)."""
+    try:
+        group = next(calls)
+        while True:
+            group = calls.send(denoiser(group))
+    except StopIteration as stop:
+        return stop.value
+
+
+def finished(value: R) -> Calls[R]:
+    """A computation whose DiT calls ran elsewhere (Ray stages): nothing to batch here, `value` at once."""
+    return value
+    yield  # a generator all the same, so every execution is driven alike
+
+
+def against(denoiser: Denoiser, steps: Steps[R], cross: CrossKV, cache: KVCache) -> Calls[R]:
+    """A sampler's requests as single calls against one cache."""
+    try:
+        request = next(steps)
+        while True:
+            x, t, spec = request
+            flows = yield [denoiser.call(x, t, cross, cache, spec)]
+            request = steps.send(flows[0])
+    except StopIteration as stop:
+        return stop.value
 
 
 @dataclass
@@ -56,14 +91,14 @@ class RecentFrames:
         return torch.cat(list(self.chunks), dim=1)[:, -n:]
 
 
-def recache(denoiser: Denoiser, cache: KVCache, recent: RecentFrames, cross: CrossKV, end_frame: int, t: float) -> None:
+def recache(denoiser: Denoiser, cache: KVCache, recent: RecentFrames, cross: CrossKV, end_frame: int, t: float) -> Calls[None]:
     """Re-encode the cached frames before `end_frame` under a new prompt (spec §d), in place, at level t."""
     n = min(denoiser.policy.capacity_frames, end_frame, recent.frames)
     if n == 0:
         return
     denoiser.policy.prepare_recache(cache)
     x = recent.last(n)
-    denoiser.one(x, torch.full(x.shape[:2], t), cross, cache, CallSpec(end_frame - n, n, "recache"))
+    yield [denoiser.call(x, torch.full(x.shape[:2], t), cross, cache, CallSpec(end_frame - n, n, "recache"))]
 
 
 class Execution(ABC):
@@ -80,9 +115,12 @@ class Execution(ABC):
         return sum(c.nbytes for c in self.caches)
 
     @abstractmethod
-    def next_chunk(self, inputs: Inputs) -> tuple[int, Tensor]:
-        """Produce the next chunk's clean latents [B, F, C, H, W]; returns (chunk index, latents)."""
+    def chunk(self, inputs: Inputs) -> Calls[tuple[int, Tensor]]:
+        """The DiT calls that produce the next chunk's clean latents [B, F, C, H, W]; returns (chunk index, latents)."""
 
+    def next_chunk(self, inputs: Inputs) -> tuple[int, Tensor]:
+        """The next chunk, computed alone (no other stream's calls batched with it)."""
+        return drive(self.denoiser, self.chunk(inputs))
 
 
 class ExactExecution(Execution):
@@ -94,17 +132,17 @@ class ExactExecution(Execution):
         self.recent = RecentFrames(denoiser.policy.capacity_frames)
         self.recache_id = 0
 
-    def next_chunk(self, inputs: Inputs) -> tuple[int, Tensor]:
+    def chunk(self, inputs: Inputs) -> Calls[tuple[int, Tensor]]:
         j = self.started
         self.started += 1
         inp = inputs(j)
         start = j * self.chunk_frames
         cross = self.denoiser.cross_kv(inp.context_id, inp.context)
         if inp.recache_id != self.recache_id:
-            recache(self.denoiser, self.caches[0], self.recent, cross, start, self.sampler.context_noise)
+            yield from recache(self.denoiser, self.caches[0], self.recent, cross, start, self.sampler.context_noise)
             self.recache_id = inp.recache_id
-        flow = lambda x, t, call: self.denoiser.one(x, t, cross, self.caches[0], call)  # noqa: E731
-        x0 = self.sampler.sample(flow, inp.noise.initial(j), start, lambda k: inp.noise.fresh(j, k))
+        steps = self.sampler.steps(inp.noise.initial(j), start, lambda k: inp.noise.fresh(j, k))
+        x0 = yield from against(self.denoiser, steps, cross, self.caches[0])
         self.recent.push(x0)
         return j, x0
 
@@ -131,16 +169,16 @@ class TimestepSlot:
     def last(self) -> bool:
         return self.step + 1 == len(self.sampler.timesteps)
 
-    def call(self, denoiser: Denoiser, work: SlotWork) -> DiTCall:
-        """The DiT call of this step for `work` (re-caching first if the prompt was re-cached)."""
+    def call(self, denoiser: Denoiser, work: SlotWork) -> Calls[DiTCall]:
+        """The DiT call of this step for `work` (after the re-cache calls, if the prompt was re-cached)."""
         cross = denoiser.cross_kv(work.inputs.context_id, work.inputs.context)
         start = work.chunk * self.chunk_frames
         t = self.sampler.timesteps[self.step]
         if work.inputs.recache_id != self.recache_id:
-            recache(denoiser, self.cache, self.recent, cross, start, t)
+            yield from recache(denoiser, self.cache, self.recent, cross, start, t)
             self.recache_id = work.inputs.recache_id
         self.recent.push(work.x)
-        return DiTCall(work.x, torch.full(work.x.shape[:2], t), cross, self.cache, CallSpec(start, work.x.shape[1]))
+        return denoiser.call(work.x, torch.full(work.x.shape[:2], t), cross, self.cache, CallSpec(start, work.x.shape[1]))
 
     def advance(self, work: SlotWork, call: DiTCall, flow: Tensor) -> SlotWork:
         """x̂0 from the flow; re-noised to the next step's level unless this is the last step."""
@@ -151,12 +189,23 @@ class TimestepSlot:
         return SlotWork(work.chunk, self.sampler.schedule.add_noise(x0, work.inputs.noise.fresh(work.chunk, self.step), t_next), work.inputs)
 
 
-def run_slots(denoiser: Denoiser, slots: list[TimestepSlot], works: list[SlotWork], batched: bool) -> list[SlotWork]:
-    """One tick: each slot advances its work by one step; batched = one forward for all of them."""
-    calls = [slot.call(denoiser, work) for slot, work in zip(slots, works)]
-    groups = [calls] if batched else [[c] for c in calls]
-    flows = [f for group in groups for f in denoiser(group)]
+def slot_tick(denoiser: Denoiser, slots: list[TimestepSlot], works: list[SlotWork], batched: bool) -> Calls[list[SlotWork]]:
+    """One tick: each slot advances its work by one step; batched = one group for all of them."""
+    calls = []
+    for slot, work in zip(slots, works):
+        calls.append((yield from slot.call(denoiser, work)))
+    if batched:
+        flows = yield calls
+    else:
+        flows = []
+        for call in calls:
+            flows += (yield [call])
     return [slot.advance(work, call, flow) for slot, work, call, flow in zip(slots, works, calls, flows)]
+
+
+def run_slots(denoiser: Denoiser, slots: list[TimestepSlot], works: list[SlotWork], batched: bool) -> list[SlotWork]:
+    """`slot_tick` run alone."""
+    return drive(denoiser, slot_tick(denoiser, slots, works, batched))
 
 
 class TimestepSlotExecution(Execution):
@@ -177,14 +226,16 @@ class TimestepSlotExecution(Execution):
         self.batched = batched
         self.in_flight: list[SlotWork | None] = [None] * len(caches)
 
-    def next_chunk(self, inputs: Inputs) -> tuple[int, Tensor]:
+    def chunk(self, inputs: Inputs) -> Calls[tuple[int, Tensor]]:
         while True:
             if self.batched or not any(self.in_flight):
                 j = self.started
                 self.started += 1
-                self.in_flight[0] = SlotWork(j, inputs(j).noise.initial(j), inputs(j))
+                inp = inputs(j)
+                self.in_flight[0] = SlotWork(j, inp.noise.initial(j), inp)
             active = [k for k, w in enumerate(self.in_flight) if w is not None]
-            done = run_slots(self.denoiser, [self.slots[k] for k in active], [self.in_flight[k] for k in active], self.batched)
+            done = yield from slot_tick(self.denoiser, [self.slots[k] for k in active], [self.in_flight[k] for k in active],
+                                        self.batched)
             self.in_flight = [None] * len(self.slots)
             for k, work in zip(active, done):
                 if self.slots[k].last:
@@ -207,7 +258,7 @@ class RollingExecution(Execution):
         self.emitted = 0
         self.block_inputs: dict[int, ChunkInputs] = {}
 
-    def next_chunk(self, inputs: Inputs) -> tuple[int, Tensor]:
+    def chunk(self, inputs: Inputs) -> Calls[tuple[int, Tensor]]:
         while self.emitted not in self.done:
             _, last = self.sampler.window_span(self.window, None)
             if last not in self.block_inputs:
@@ -215,9 +266,9 @@ class RollingExecution(Execution):
                 self.started += 1
             inp = self.block_inputs[last]  # the window is conditioned like its newest block
             cross = self.denoiser.cross_kv(inp.context_id, inp.context)
-            flow = lambda x, t, call: self.denoiser.one(x, t, cross, self.caches[0], call)  # noqa: E731
-            self.done.update(self.sampler.window(flow, self.window, self.noisy, lambda b: self.block_inputs[b].noise.initial(b),
-                                                 lambda w, b, lv: inp.noise.fresh(b, lv)))
+            steps = self.sampler.window_steps(self.window, self.noisy, lambda b: self.block_inputs[b].noise.initial(b),
+                                              lambda w, b, lv: inp.noise.fresh(b, lv))
+            self.done.update((yield from against(self.denoiser, steps, cross, self.caches[0])))
             self.window += 1
         j = self.emitted
         self.emitted += 1

@@ -10,8 +10,9 @@ from typing import Any
 
 from torch import Tensor
 
+from .execution import Calls
 from .prompts import Transition
-from .stream import Ack, Stream
+from .stream import Ack, Chunk, Stream, Tag
 
 
 @dataclass
@@ -36,8 +37,16 @@ class FrameStream:
         self.decoder = bundle.decoder()
         self.fps = bundle.fps
 
+    def chunk_steps(self) -> Calls[FrameChunk]:
+        """The next chunk as DiT calls (see `Stream.chunk_steps`), decoded once its latents are done."""
+        chunk = yield from self.stream.chunk_steps()
+        return self.decode(chunk)
+
     def next(self) -> FrameChunk:
-        chunk = self.stream.next_chunk()
+        """The next chunk, computed alone."""
+        return self.decode(self.stream.next_chunk())
+
+    def decode(self, chunk: Chunk) -> FrameChunk:
         if any(a.of == "reset" for a in chunk.acks):
             self.decoder.reset()
         frames = self.decoder.push(chunk.latents)[0]
@@ -45,12 +54,17 @@ class FrameStream:
         acks = [replace(a, frame=video(a.frame)) for a in chunk.acks]
         return FrameChunk(chunk.index, video(chunk.first_frame), frames, chunk.latents, acks)
 
-    def set_prompt(self, prompt: str, transition: Transition | None = None, at_frame: int | None = None) -> None:
+    @property
+    def reset_pending(self) -> bool:
+        return self.stream.reset_pending
+
+    def set_prompt(self, prompt: str, transition: Transition | None = None, at_frame: int | None = None,
+                   tag: Tag = None) -> None:
         """`at_frame` is a latent frame (timelines); None = the next chunk boundary."""
-        self.stream.set_prompt(prompt, transition, at_frame)
+        self.stream.set_prompt(prompt, transition, at_frame, tag)
 
-    def set_params(self, **params: Any) -> None:
-        self.stream.set_params(**params)
+    def set_params(self, tag: Tag = None, **params: Any) -> None:
+        self.stream.set_params(tag, **params)
 
-    def reset(self) -> None:
-        self.stream.reset()
+    def reset(self, tag: Tag = None) -> None:
+        self.stream.reset(tag)

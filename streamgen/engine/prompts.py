@@ -9,6 +9,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..lru import LRU
 
 
@@ -32,11 +33,11 @@ class Transition:
 
     def __post_init__(self) -> None:
         if self.kind not in ("recache", "blend"):
-            raise ValueError(f"unknown transition {self.kind!r}; known: recache, blend")
+            raise InputError(f"unknown transition {self.kind!r}; known: recache, blend")
         if self.interpolation not in ("linear", "slerp"):
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; known: linear, slerp")
+            raise InputError(f"unknown interpolation {self.interpolation!r}; known: linear, slerp")
         if self.chunks < 1:
-            raise ValueError(f"a transition spans at least 1 chunk, got {self.chunks}")
+            raise InputError(f"a transition spans at least 1 chunk, got {self.chunks}")
 
 
 def interpolate(a: Tensor, b: Tensor, w: float, kind: str) -> Tensor:

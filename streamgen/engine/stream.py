@@ -15,12 +15,21 @@ from torch import Tensor
 
 from ..cache.kv import KVCache
 from ..cache.policy import make_policy
+from ..errors import InputError
 from ..models.dit import WanDiT
 from ..sampling.denoiser import Denoiser
 from ..sampling.few_step import FewStepSampler
 from ..sampling.rolling import RollingSampler
 from ..sampling.schedule import FlowSchedule
-from .execution import ChunkInputs, ExactExecution, Execution, RollingExecution, TimestepSlotExecution
+from .execution import (
+    Calls,
+    ChunkInputs,
+    ExactExecution,
+    Execution,
+    RollingExecution,
+    TimestepSlotExecution,
+    drive,
+)
 from .noise import NoiseSource
 from .prompts import EmbeddingCache, PromptEncoder, PromptTimeline, Transition
 
@@ -51,24 +60,39 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
+            raise InputError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+            raise InputError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         if self.sampler == "rolling" and self.schedule != "exact":
-            raise ValueError("the rolling sampler runs with schedule 'exact' only")
+            raise InputError("the rolling sampler runs with schedule 'exact' only")
         if self.sampler == "rolling" and self.transition.kind == "recache":
             object.__setattr__(self, "transition", Transition("blend", 1))
         object.__setattr__(self, "steps", tuple(float(s) for s in self.steps))
 
 
+Tag = Any  # the caller's handle for one control (the client's message id), returned in its ack
+
+
 @dataclass(frozen=True)
 class Ack:
-    """A control applied at a chunk boundary: `frame` is the first latent frame generated under it."""
+    """A control applied at a chunk boundary: `frame` is the first latent frame generated under it;
+    `tag` is what the caller queued the control with, so every control gets its own ack."""
 
     of: str
     frame: int
     chunk: int
     detail: dict[str, Any] = field(default_factory=dict)
+    tag: Tag = None
+
+
+@dataclass(frozen=True)
+class Control:
+    """A queued control: applied at the first chunk boundary at or after latent frame `at_frame`."""
+
+    kind: str
+    value: Any
+    at_frame: int | None = None
+    tag: Tag = None
 
 
 @dataclass
@@ -92,7 +116,7 @@ class Stream:
         self.embed = EmbeddingCache(encoder)
         self.config = config
         self.policy = make_policy(config.policy, **config.policy_settings)
-        self._pending: list[tuple[str, Any, int | None]] = []  # (kind, value, at_frame)
+        self._pending: list[Control] = []
         self._lock = threading.Lock()  # controls may come from another thread than next_chunk()
         self._acks: list[Ack] = []
         self.timeline = PromptTimeline(self.embed(prompt))
@@ -100,51 +124,67 @@ class Stream:
         self._build()
 
     # --- controls ------------------------------------------------------------------------------
-    def set_prompt(self, prompt: str | Tensor, transition: Transition | None = None, at_frame: int | None = None) -> None:
+    def set_prompt(self, prompt: str | Tensor, transition: Transition | None = None, at_frame: int | None = None,
+                   tag: Tag = None) -> None:
         """Queue a prompt change for the next chunk boundary, or the first chunk starting at or after
         latent frame `at_frame` (a timeline); acknowledged in the result that follows."""
         transition = transition or self.config.transition
         if self.config.sampler == "rolling" and transition.kind == "recache":
-            raise ValueError("the rolling sampler supports 'blend' transitions only (its cache holds no re-cacheable window)")
+            raise InputError("the rolling sampler supports 'blend' transitions only (its cache holds no re-cacheable window)")
         self.embed(prompt)  # encode now: a bad prompt fails here, not mid-stream
-        self._queue("prompt", (prompt, transition), at_frame)
+        self._queue(Control("prompt", (prompt, transition), at_frame, tag))
 
-    def set_params(self, **params: Any) -> None:
+    def set_params(self, tag: Tag = None, **params: Any) -> None:
         """Queue parameter changes (seed, steps, transition); unknown names are refused with the known list."""
         unknown = sorted(set(params) - set(PARAMS))
         if unknown:
-            raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMS)}")
+            raise InputError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMS)}")
         if "steps" in params and len(params["steps"]) != len(self.config.steps) and (
                 self.config.schedule != "exact" or self.config.sampler != "few_step"):
-            raise ValueError("timestep-slot and rolling streams tie caches/windows to the step count: it cannot change mid-stream")
+            raise InputError("timestep-slot and rolling streams tie caches/windows to the step count: it cannot change mid-stream")
         self._validated(**params)
-        self._queue("params", params)
+        self._queue(Control("params", params, None, tag))
 
-    def reset(self) -> None:
+    def reset(self, tag: Tag = None) -> None:
         """Queue a restart from frame 0 with the current prompt (caches cleared)."""
-        self._queue("reset", None)
+        self._queue(Control("reset", None, None, tag))
 
-    def _queue(self, kind: str, value: Any, at_frame: int | None = None) -> None:
+    @property
+    def reset_pending(self) -> bool:
         with self._lock:
-            self._pending.append((kind, value, at_frame))
+            return any(c.kind == "reset" for c in self._pending)
 
-    def _take(self, due) -> list[tuple[str, Any, int | None]]:
-        """Remove and return the queued controls for which `due(at_frame)` holds, in order."""
+    def _queue(self, control: Control) -> None:
         with self._lock:
-            taken = [p for p in self._pending if due(p)]
-            self._pending = [p for p in self._pending if not due(p)]
+            self._pending.append(control)
+
+    def _take(self, due: Callable[[Control], bool]) -> list[Control]:
+        """Remove and return the queued controls for which `due` holds, in order."""
+        with self._lock:
+            taken = [c for c in self._pending if due(c)]
+            self._pending = [c for c in self._pending if not due(c)]
         return taken
 
     # --- generation ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def next_chunk(self) -> Chunk:
-        if self._take(lambda p: p[0] == "reset"):
+    def chunk_steps(self) -> Calls[Chunk]:
+        """The DiT calls of the next chunk (for an engine loop to batch with other streams'); returns it.
+        The driver runs it under `torch.no_grad()` (grad mode is per thread, not per generator).
+
+        Resets queued by now restart the stream first — each acknowledged with its own tag; the other
+        controls land when their chunk starts (`_inputs`), which may be later within this chunk's calls."""
+        resets = self._take(lambda c: c.kind == "reset")
+        if resets:
             self.timeline.blend = None
             self._build()
-            self._acks.append(Ack("reset", 0, 0))
-        j, latents = self.execution.next_chunk(self._inputs)
+            self._acks += [Ack("reset", 0, 0, tag=c.tag) for c in resets]
+        j, latents = yield from self.execution.chunk(self._inputs)
         acks, self._acks = self._acks, []
         return Chunk(j, j * self.config.chunk_frames, latents, acks)
+
+    @torch.no_grad()
+    def next_chunk(self) -> Chunk:
+        """The next chunk, computed alone."""
+        return drive(self.denoiser, self.chunk_steps())
 
     @property
     def frame(self) -> int:
@@ -187,14 +227,15 @@ class Stream:
     def _inputs(self, chunk: int) -> ChunkInputs:
         """Apply queued controls at this chunk boundary, then give the chunk its conditioning and noise."""
         frame = chunk * self.config.chunk_frames
-        for kind, value, _ in self._take(lambda p: p[2] is None or p[2] <= frame):
+        for control in self._take(lambda c: c.kind != "reset" and (c.at_frame is None or c.at_frame <= frame)):
+            kind, value = control.kind, control.value
             if kind == "prompt":
                 prompt, transition = value
                 self.prompt = prompt
                 self.timeline.change(self.embed(prompt), transition, chunk)
                 describe = getattr(self.embed.encoder, "describe", None)
                 details = describe(prompt) if describe is not None and isinstance(prompt, str) else {}
-                self._acks.append(Ack("prompt", frame, chunk, {"transition": transition.kind, **details}))
+                self._acks.append(Ack("prompt", frame, chunk, {"transition": transition.kind, **details}, control.tag))
             elif kind == "params":
                 old_steps = self.config.steps
                 self.config = self._validated(**value)
@@ -203,7 +244,7 @@ class Stream:
                 if "steps" in value and self.config.steps != old_steps:
                     self.timesteps = self.schedule.step_list(list(self.config.steps), self.config.warp_steps)
                     self.execution.sampler.timesteps = self.timesteps
-                self._acks.append(Ack("params", frame, chunk, dict(value)))
+                self._acks.append(Ack("params", frame, chunk, dict(value), control.tag))
         prompt = self.timeline.for_chunk(chunk)
         return ChunkInputs(prompt.context, prompt.context_id, prompt.recache_id, self.noise)
 

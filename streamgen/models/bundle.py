@@ -129,7 +129,7 @@ def prepare_dit(dit: WanDiT, dtype: torch.dtype, quant: str = "none", compile: s
 
 def load_bundle(name: str = DEFAULT_MODEL, model_dir: str | None = None, *, dtype: str = "auto", quant: str = "none",
                 compile: str = "none") -> ModelBundle:
-    """A built-in bundle by name, or a real model family (configs/models/NAME.yaml, or a YAML path) from
+    """A built-in bundle by name, or a real model family (streamgen/configs/models/NAME.yaml, or a YAML path) from
     `model_dir`; a family's files are checked (names, keys, shapes) before anything is loaded.
 
     dtype / quant / compile: see `BundleSpec` and `prepare_dit`; built-in bundles stay on the CPU, families

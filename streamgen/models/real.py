@@ -74,7 +74,7 @@ def load_family(
 ) -> ModelBundle:
     """The family's DiT (+ LoRA), umT5 prompt encoder, frame decoder and StreamConfig as a `ModelBundle`.
 
-    name: registry name (`configs/models/<name>.yaml`), a YAML path or a `FamilySpec`.
+    name: registry name (`streamgen/configs/models/<name>.yaml`), a YAML path or a `FamilySpec`.
     model_dir: the local folder with the family's files (see `streamgen models show NAME`); checked
         before anything is loaded — every problem is listed in one `ModelDirError`.
     device / dtype: dtype defaults to bf16 on CUDA and fp32 on the CPU; `text_dtype` (default `dtype`)

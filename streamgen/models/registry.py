@@ -1,4 +1,4 @@
-"""Model registry: one YAML per model family (`configs/models/<name>.yaml`), validated with pydantic,
+"""Model registry: one YAML per model family (`streamgen/configs/models/<name>.yaml`), validated with pydantic,
 and `streamgen models list | show NAME | check DIR [--family NAME]`.
 
 Config, not code, selects a family: a YAML carries the DiT architecture, the video geometry, the
@@ -6,11 +6,8 @@ stream settings of spec §b.7 (cache policy and its settings, sampler, steps, wa
 and the files a model dir must hold (paths relative to the dir, the checkpoint envelope, the LoRA).
 Adding a family is adding a YAML; `streamgen.models.real.load_family` builds a `ModelBundle` from it.
 
-Where the YAMLs live: ONE copy, in the repository's top-level ``configs/models/``, found relative to
-this package (``Path(__file__).parents[2] / "configs" / "models"``, i.e. an editable install / a
-checkout, which is how streamgen is installed per the README), or in ``$STREAMGEN_CONFIGS/models``
-when that variable is set (a wheel install, or private families). They are not copied into the
-package: two copies drift, and the configs are meant to be read and edited next to the code.
+Where the YAMLs live: ONE copy, package data in ``streamgen/configs/models/`` (so a wheel install has
+them), or ``$STREAMGEN_CONFIGS/models`` when that variable is set (private families).
 
 YAML schema (``FamilySpec``; unknown keys are errors, every error names the file and the field)::
 
@@ -417,9 +414,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------- lookup
 def config_dir() -> Path:
-    """The folder holding the family YAMLs: ``$STREAMGEN_CONFIGS/models`` or the checkout's ``configs/models``."""
+    """The folder holding the family YAMLs: ``$STREAMGEN_CONFIGS/models`` or the package's ``configs/models``."""
     env = os.environ.get(CONFIG_ENV)
-    return Path(env) / "models" if env else Path(__file__).resolve().parents[2] / "configs" / "models"
+    return Path(env) / "models" if env else Path(__file__).resolve().parents[1] / "configs" / "models"
 
 
 def family_files(directory: str | Path | None = None) -> dict[str, Path]:
@@ -427,8 +424,7 @@ def family_files(directory: str | Path | None = None) -> dict[str, Path]:
     folder = Path(directory) if directory is not None else config_dir()
     if not folder.is_dir():
         raise FamilyConfigError(
-            f"no model family configs at {folder}: run from a checkout (editable install; configs/models/ next to "
-            f"the streamgen package) or set {CONFIG_ENV} to a folder that holds models/*.yaml")
+            f"no model family configs at {folder}: set {CONFIG_ENV} to a folder that holds models/*.yaml")
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
@@ -975,7 +971,7 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Add `streamgen models list | show NAME | check DIR [--family NAME] [--decoder vae|taehv]`."""
     models = subparsers.add_parser("models", help="model families: list, show, check a local model dir")
     models.add_argument("--configs", type=Path, default=None,
-                        help=f"folder of family YAMLs (default: ${CONFIG_ENV}/models or the checkout's configs/models)")
+                        help=f"folder of family YAMLs (default: ${CONFIG_ENV}/models or the package's configs/models)")
     sub = models.add_subparsers(dest="models_command", required=True)
     ls = sub.add_parser("list", help="every family with its cache policy, sampler and steps")
     ls.set_defaults(func=cmd_models_list)
@@ -1021,7 +1017,7 @@ def precision_settings(args: argparse.Namespace) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- benchmark
 def add_bench_model_options(parser: argparse.ArgumentParser) -> None:
     """`--model NAME --random-weights --size WxH` for `streamgen bench engine` (see `bench_setup_from_args`)."""
-    parser.add_argument("--model", help="model family / architecture from configs/models (e.g. wan2.1-t2v-1.3b): "
+    parser.add_argument("--model", help="model family / architecture from streamgen/configs/models (e.g. wan2.1-t2v-1.3b): "
                                         "its real DiT dims and stream settings; --layers/--dim/--heads reduce it")
     parser.add_argument("--random-weights", action="store_true",
                         help="with --model: random weights at the family's architecture, no files (required: the "
@@ -1114,7 +1110,8 @@ def bench_decoder(args: argparse.Namespace):
     from .bundle import resolve_dtype
     from .real import random_decoder
 
-    return random_decoder(load_family_config(args.model), args.decode, dtype=resolve_dtype(args.dtype, "cpu"))
+    device = getattr(args, "device", "cpu")
+    return random_decoder(load_family_config(args.model), args.decode, device, dtype=resolve_dtype(args.dtype, device))
 
 
 def bench_bundle(name: str, size: str = "832x480", random_weights: bool = True, layers: int | None = None,

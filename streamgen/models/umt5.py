@@ -18,7 +18,6 @@ from __future__ import annotations
 import html
 import math
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..lru import LRU
 from .checkpoint import CheckpointError, check_state_dict, read_tensors
 
 
@@ -311,7 +311,7 @@ class UMT5PromptEncoder:
     def __init__(self, tokenizer: Callable[..., tuple[Tensor, Tensor]], encoder: UMT5Encoder,
                  text_len: int = 512, cache_size: int = 16) -> None:
         self.tokenizer, self.encoder, self.text_len, self.cache_size = tokenizer, encoder, text_len, cache_size
-        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._cache: LRU[Tensor] = LRU(cache_size)  # locked: sessions' control threads share it
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -320,21 +320,12 @@ class UMT5PromptEncoder:
     def encode(self, prompts: Sequence[str]) -> Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        fresh: dict[str, Tensor] = {}
-        if missing:
-            param = next(self.encoder.parameters())
-            ids, mask = self.tokenizer(missing, text_len=self.text_len)
-            ids, mask = ids.to(param.device), mask.to(param.device)
-            context = context_from_hidden(self.encoder(ids, mask), mask)
-            fresh = dict(zip(missing, context))
-        out = []
-        for p in prompts:
-            emb = fresh[p] if p in fresh else self._cache[p]
-            if self.cache_size > 0:
-                self._cache[p] = emb
-                self._cache.move_to_end(p)
-            out.append(emb)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return torch.stack(out)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        fresh = self._encode(missing) if missing else {}
+        return torch.stack([self._cache.get(p, lambda p=p: fresh[p] if p in fresh else self._encode([p])[p]) for p in prompts])
+
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        param = next(self.encoder.parameters())
+        ids, mask = self.tokenizer(prompts, text_len=self.text_len)
+        ids, mask = ids.to(param.device), mask.to(param.device)
+        return dict(zip(prompts, context_from_hidden(self.encoder(ids, mask), mask)))

@@ -17,13 +17,31 @@ from ..models.dit import CrossKV, WanDiT
 
 @dataclass
 class DiTCall:
-    """Inputs of one call in the pipeline layout: x [B, F, C, H, W], t [B, F]."""
+    """Inputs of one call in the pipeline layout: x [B, F, C, H, W], t [B, F], against `cache` under `policy`."""
 
     x: Tensor
     t: Tensor
     cross: CrossKV
     cache: KVCache
     call: CallSpec
+    policy: CachePolicy
+
+    @property
+    def batch_key(self) -> tuple:
+        """Calls with equal keys can share one forward: same latent geometry, frame count and text length."""
+        return (tuple(self.x.shape[1:]), self.x.dtype, self.x.device, tuple(self.cross[0][0].shape[1:]))
+
+
+@torch.no_grad()
+def forward(model: WanDiT, calls: list[DiTCall]) -> list[Tensor]:
+    """Run calls with equal batch keys as one forward; each keeps its own cache, policy and position."""
+    contexts = [c.policy.begin(c.cache, c.call, model.rope) for c in calls]
+    sizes = [c.x.shape[0] for c in calls]
+    x = torch.cat([c.x for c in calls]).transpose(1, 2)
+    t = torch.cat([c.t for c in calls]).to(x.device)
+    cross = [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in zip(*(c.cross for c in calls))]
+    attn = contexts[0] if len(calls) == 1 else BatchedAttention(contexts, sizes)
+    return list(model(x, t, cross, attn).transpose(1, 2).split(sizes))
 
 
 class Denoiser:
@@ -32,7 +50,7 @@ class Denoiser:
     def __init__(self, model: WanDiT, policy: CachePolicy, cross_memo: int = 4) -> None:
         self.model = model
         self.policy = policy
-        self.calls = 0
+        self.calls = 0  # forwards this denoiser's calls took part in
         self._cross: LRU[CrossKV] = LRU(cross_memo)
 
     @torch.no_grad()
@@ -40,17 +58,13 @@ class Denoiser:
         """Cross-attention K/V of a context, computed once per key (a prompt or blend step)."""
         return self._cross.get(key, lambda: self.model.cross_kv(context))
 
-    @torch.no_grad()
+    def call(self, x: Tensor, t: Tensor, cross: CrossKV, cache: KVCache, spec: CallSpec) -> DiTCall:
+        return DiTCall(x, t, cross, cache, spec, self.policy)
+
     def __call__(self, calls: list[DiTCall]) -> list[Tensor]:
-        """Run calls with equal frame counts as one forward; each keeps its own cache and position."""
-        contexts = [self.policy.begin(c.cache, c.call, self.model.rope) for c in calls]
-        sizes = [c.x.shape[0] for c in calls]
-        x = torch.cat([c.x for c in calls]).transpose(1, 2)
-        t = torch.cat([c.t for c in calls]).to(x.device)
-        cross = [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in zip(*(c.cross for c in calls))]
-        attn = contexts[0] if len(calls) == 1 else BatchedAttention(contexts, sizes)
+        """Run calls with equal frame counts as one forward."""
         self.calls += 1
-        return list(self.model(x, t, cross, attn).transpose(1, 2).split(sizes))
+        return forward(self.model, calls)
 
     def one(self, x: Tensor, t: Tensor, cross: CrossKV, cache: KVCache, call: CallSpec) -> Tensor:
-        return self([DiTCall(x, t, cross, cache, call)])[0]
+        return self([self.call(x, t, cross, cache, call)])[0]

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from ..cache.kv import CallSpec
 from .schedule import FlowSchedule
+from .steps import Flow, Steps, run_with
 
-Flow = Callable[[Tensor, Tensor, CallSpec], Tensor]  # (x [B,F,C,H,W], t [B,F], call) -> flow
 FreshNoise = Callable[[int], Tensor]  # step k -> noise for re-noising after step k
 StepObserver = Callable[[int, Tensor, Tensor, Tensor], None]  # (k, x, flow, x0)
 
@@ -24,12 +24,12 @@ class FewStepSampler:
         self.context_noise = context_noise
         self.rerun = rerun
 
-    def step(self, flow: Flow, x: Tensor, k: int, start_frame: int, fresh_noise: FreshNoise,
-             observe: StepObserver | None = None) -> tuple[Tensor, Tensor]:
+    def step(self, x: Tensor, k: int, start_frame: int, fresh_noise: FreshNoise,
+             observe: StepObserver | None = None) -> Steps[tuple[Tensor, Tensor]]:
         """Step k: returns (x̂0, input of step k+1 — or x̂0 itself after the last step)."""
         b, f = x.shape[:2]
         t = torch.full((b, f), self.timesteps[k])
-        v = flow(x, t, CallSpec(start_frame, f))
+        v = yield x, t, CallSpec(start_frame, f)
         x0 = self.schedule.to_x0(x, v, t)
         if observe:
             observe(k, x, v, x0)
@@ -37,15 +37,17 @@ class FewStepSampler:
             return x0, x0
         return x0, self.schedule.add_noise(x0, fresh_noise(k), torch.full((b, f), self.timesteps[k + 1]))
 
-    def sample(self, flow: Flow, noise: Tensor, start_frame: int, fresh_noise: FreshNoise,
-               observe: StepObserver | None = None) -> Tensor:
+    def steps(self, noise: Tensor, start_frame: int, fresh_noise: FreshNoise,
+              observe: StepObserver | None = None) -> Steps[Tensor]:
+        """Every DiT request of one chunk (the denoising steps, then the clean rerun); returns x̂0."""
         x = noise
         for k in range(len(self.timesteps)):
-            x0, x = self.step(flow, x, k, start_frame, fresh_noise, observe)
+            x0, x = yield from self.step(x, k, start_frame, fresh_noise, observe)
         if self.rerun:
-            self.clean_rerun(flow, x0, start_frame)
+            b, f = x0.shape[:2]
+            yield x0, torch.full((b, f), self.context_noise), CallSpec(start_frame, f, "rerun")
         return x0
 
-    def clean_rerun(self, flow: Flow, x0: Tensor, start_frame: int) -> None:
-        b, f = x0.shape[:2]
-        flow(x0, torch.full((b, f), self.context_noise), CallSpec(start_frame, f, "rerun"))
+    def sample(self, flow: Flow, noise: Tensor, start_frame: int, fresh_noise: FreshNoise,
+               observe: StepObserver | None = None) -> Tensor:
+        return run_with(flow, self.steps(noise, start_frame, fresh_noise, observe))

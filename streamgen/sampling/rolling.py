@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..cache.kv import CallSpec
-from .few_step import Flow
+from .steps import Flow, Steps, run_with
 from .schedule import FlowSchedule
 
 BlockNoise = Callable[[int], Tensor]  # block -> initial noise [B, F, C, H, W]
@@ -47,12 +47,17 @@ class RollingSampler:
     def window(self, flow: Flow, w: int, noisy: dict[int, Tensor], block_noise: BlockNoise, fresh: LevelNoise,
                num_blocks: int | None = None, observe: WindowObserver | None = None) -> dict[int, Tensor]:
         """Run window w; updates `noisy` in place and returns the blocks that became clean {block: x0}."""
+        return run_with(flow, self.window_steps(w, noisy, block_noise, fresh, num_blocks, observe))
+
+    def window_steps(self, w: int, noisy: dict[int, Tensor], block_noise: BlockNoise, fresh: LevelNoise,
+                     num_blocks: int | None = None, observe: WindowObserver | None = None) -> Steps[dict[int, Tensor]]:
+        """The DiT requests of window w (the joint call, then the oldest block's clean rerun)."""
         first, last = self.window_span(w, num_blocks)
         levels = self.levels(first, last, num_blocks)
         x = torch.cat([noisy.pop(b) if b in noisy else block_noise(b) for b in range(first, last + 1)], dim=1)
         f = self.block_frames
         t = torch.tensor([self.timesteps[lv] for lv in levels], dtype=torch.float32).repeat_interleave(f)[None].expand(x.shape[0], -1)
-        x0 = self.schedule.to_x0(x, flow(x, t, CallSpec(first * f, x.shape[1])), t)
+        x0 = self.schedule.to_x0(x, (yield x, t, CallSpec(first * f, x.shape[1])), t)
         if observe:
             observe(w, x, t, x0)
         done: dict[int, Tensor] = {}
@@ -64,5 +69,5 @@ class RollingSampler:
                 tb = torch.full(xb.shape[:2], self.timesteps[lv + 1])
                 noisy[b] = self.schedule.add_noise(xb, fresh(w, b, lv + 1), tb)
         head = x0[:, :f]
-        flow(head, torch.full(head.shape[:2], self.context_noise), CallSpec(first * f, f, "rerun"))
+        yield head, torch.full(head.shape[:2], self.context_noise), CallSpec(first * f, f, "rerun")
         return done

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 
 class FlowSchedule:
     """Shifted σ table; x_σ = (1−σ)·x0 + σ·ε and the model predicts v = ε − x0."""
@@ -19,13 +21,21 @@ class FlowSchedule:
 
     def warp(self, nominal: list[float]) -> list[float]:
         """Map nominal steps n_k (e.g. 1000, 750, 500, 250) to t_k = table[1000 − n_k] (trailing 0 appended)."""
+        top = len(self.timesteps)
+        bad = [n for n in nominal if not 0 < float(n) <= top]
+        if bad:
+            raise InputError(f"denoising steps must lie in (0, {top}], got {bad}")
         table = torch.cat([self.timesteps, torch.zeros(1)])
-        return [float(table[len(self.timesteps) - int(n)]) for n in nominal]
+        return [float(table[top - int(n)]) for n in nominal]
 
     def step_list(self, nominal: list[float], warp: bool = True) -> list[float]:
+        if not nominal:
+            raise InputError("at least one denoising step is needed")
         steps = self.warp(nominal) if warp else [float(n) for n in nominal]
+        if not warp and any(not 0 <= s <= len(self.timesteps) for s in steps):
+            raise InputError(f"denoising steps must lie in [0, {len(self.timesteps)}], got {steps}")
         if any(b >= a for a, b in zip(steps, steps[1:])):
-            raise ValueError(f"denoising steps must strictly decrease, got {steps}")
+            raise InputError(f"denoising steps must strictly decrease, got {steps}")
         return steps
 
     def sigma(self, t: Tensor | float) -> Tensor:

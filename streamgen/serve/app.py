@@ -5,20 +5,20 @@ take the server down (unexpected exceptions become a 500 for that request only).
 """
 from __future__ import annotations
 
-import json
 import logging
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from ..backends import Backend, CapacityError
+from ..errors import InputError
 from .config import ServeConfig
 from .errors import describe
 from .ice import check_offer, ice_servers
 from .limits import Handler, bearer_auth
 from .manager import Refused, SessionManager
 from .metrics import Metrics
-from .protocol import Offer
+from .protocol import Offer, load_json
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ async def post_offer(request: web.Request) -> web.Response:
 
 async def _offer(request: web.Request) -> web.Response:
     try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        return error(400, f"body is not valid JSON ({exc})")
+        body = load_json(await request.read(), "body", MAX_BODY_BYTES)
+    except InputError as exc:
+        return error(400, str(exc))
     if not isinstance(body, dict):
         return error(400, "body must be a JSON object with 'sdp' and 'type'")
     try:
@@ -75,7 +75,7 @@ async def _offer(request: web.Request) -> web.Response:
         return error(503, str(exc), **{"Retry-After": "5"})
     except Refused as exc:
         return error(exc.status, exc.reason)
-    except ValueError as exc:  # the backend refused the prompt or settings
+    except InputError as exc:  # the backend refused the prompt or settings
         return error(400, str(exc))
     return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
 

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..backends.names import SCHEDULERS
 from ..models.bundle import DEFAULT_MODEL
 
-WEB_ROOT = Path(__file__).resolve().parents[2] / "clients" / "web"
+WEB_ROOT = Path(__file__).resolve().parent / "web"  # the browser client, package data
 
 
 @dataclass
@@ -32,10 +33,19 @@ class ServeConfig:
     queue_chunks: int = 2  # most chunks generated ahead of playback (fewer when chunks compute fast)
     stats_interval_s: float = 1.0
     control_rate: float = 20.0  # control messages per second per session (token bucket, burst = rate)
-    threads: int | None = None  # torch intra-op threads; None: cores / max_sessions (≥ 1)
+    threads: int | None = None  # torch intra-op threads; None: see torch_threads()
     backend: str = "local"  # where streams run: local (in process) or ray
+    scheduler: str = "engine"  # local backend: one batched engine loop for all sessions, or "threads" (one per session)
     ray: dict[str, Any] = field(default_factory=dict)  # make_backend keywords for the ray backend
     web_root: Path = WEB_ROOT
 
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+
     def torch_threads(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 1) // max(1, self.max_sessions))
+        """One engine thread computes every session: it gets the cores; a thread per session gets a share."""
+        if self.threads:
+            return self.threads
+        cores = os.cpu_count() or 1
+        return cores if self.scheduler == "engine" else max(1, cores // max(1, self.max_sessions))

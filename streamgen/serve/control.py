@@ -6,15 +6,14 @@ closes the channel.
 """
 from __future__ import annotations
 
-import json
-
 from pydantic import ValidationError
 
+from ..errors import InputError
 from .errors import describe
 from .limits import RateLimiter
 from .metrics import Metrics
 from .protocol import (MAX_MESSAGE_BYTES, Ack, Error, ParamsMessage, PauseMessage, PromptMessage, ResetMessage,
-                       ResumeMessage, parse_client_message)
+                       ResumeMessage, load_json, parse_client_message)
 from .session import Session
 
 MESSAGES = {"prompt": PromptMessage, "params": ParamsMessage, "pause": PauseMessage, "resume": ResumeMessage,
@@ -45,11 +44,11 @@ class ControlHandler:
             msg = parse_client_message(raw)
         except ValidationError as exc:
             return Error(message=describe(exc, MESSAGES), of=kind, id=msg_id)
-        except ValueError as exc:  # size limit
+        except InputError as exc:  # size, encoding, depth, syntax
             return Error(message=str(exc), of=kind, id=msg_id)
         try:
             return await self._apply(msg)
-        except ValueError as exc:  # refused by the engine (e.g. a transition the sampler cannot do)
+        except InputError as exc:  # refused by the engine (e.g. a transition the sampler cannot do)
             return Error(message=str(exc), of=msg.type, id=msg.id)
 
     async def _apply(self, msg) -> Ack | Error | None:
@@ -72,11 +71,9 @@ class ControlHandler:
 
 def _peek(raw: str | bytes) -> tuple[str | None, str | int | None]:
     """Best-effort `type` and `id` of a message that may be invalid, to label its error."""
-    if len(raw) > MAX_MESSAGE_BYTES:
-        return None, None
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        data = load_json(raw, "message", MAX_MESSAGE_BYTES)
+    except InputError:
         return None, None
     if not isinstance(data, dict):
         return None, None

@@ -10,6 +10,7 @@ import logging
 import secrets
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiortc import RTCSessionDescription
@@ -42,9 +43,14 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._admitting: Counter[str] = Counter()  # offers past the per-address check, not yet sessions
         self._reaper: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()  # session closes started by the reaper, referenced until done
+        # Blocking work off the event loop, each kind in its own bounded pool so one cannot starve another:
+        # opening a stream (a Ray admission can wait minutes) and applying controls (encoding a prompt).
+        self._admission = ThreadPoolExecutor(2, thread_name_prefix="admission")
+        self._controls = ThreadPoolExecutor(2, thread_name_prefix="controls")
 
     def start(self) -> None:
-        self._reaper = asyncio.ensure_future(self._reap())
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
     async def offer(self, offer: Offer, client_ip: str) -> tuple[Session, RTCSessionDescription]:
         """Answer an offer: a new session, or the one named by `session_id` (resume)."""
@@ -57,12 +63,16 @@ class SessionManager:
         prompt = offer.prompt or self.config.prompt or self.backend.bundle.example_prompt
         self._admitting[client_ip] += 1  # offers racing through the await below count against the limit too
         try:
-            stream = await asyncio.to_thread(self.backend.open, prompt, _overrides(offer.params))  # CapacityError, ValueError
+            loop = asyncio.get_running_loop()
+            stream = await loop.run_in_executor(self._admission, self.backend.open, prompt,
+                                                _overrides(offer.params))  # CapacityError, InputError
             session = Session(secrets.token_urlsafe(12), stream, self.backend, self.config, self.metrics, client_ip,
-                              self._forget)
+                              self._forget, self._controls)
             self.sessions[session.id] = session
         finally:
             self._admitting[client_ip] -= 1
+            if not self._admitting[client_ip]:
+                del self._admitting[client_ip]
         session.start()
         try:
             answer = await self._connect(session, offer.sdp)
@@ -104,7 +114,9 @@ class SessionManager:
     async def close_all(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        await asyncio.gather(*(s.close("shutdown") for s in list(self.sessions.values())))
+        await asyncio.gather(*(s.close("shutdown") for s in list(self.sessions.values())), *self._closing)
+        self._admission.shutdown(wait=False, cancel_futures=True)
+        self._controls.shutdown(wait=False, cancel_futures=True)
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(("connecting", "streaming", "detached"), 0)
@@ -123,7 +135,9 @@ class SessionManager:
             for session in list(self.sessions.values()):
                 if session.deadline is not None and now > session.deadline:
                     reason = "grace expired" if session.state == "detached" else "connect timeout"
-                    asyncio.ensure_future(session.close(reason))
+                    task = asyncio.get_running_loop().create_task(session.close(reason))
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
 
 
 def _overrides(params: StreamParams | None) -> dict[str, Any]:

@@ -5,12 +5,47 @@ chunk boundary; the `ack` names the video frame where the change took effect.
 """
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from ..errors import InputError
+
 MAX_PROMPT_CHARS = 500
 MAX_MESSAGE_BYTES = 4096
+MAX_JSON_DEPTH = 16  # the deepest valid message nests 3 levels; deeper input is refused before parsing
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """How deeply `text`'s arrays and objects nest (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def load_json(raw: str | bytes, what: str, limit: int) -> Any:
+    """Parse untrusted JSON: at most `limit` bytes, valid UTF-8, nested at most MAX_JSON_DEPTH levels
+    (Python's parser would recurse into a RecursionError); every failure is an InputError naming why."""
+    size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw)
+    if size > limit:
+        raise InputError(f"{what} of {size} bytes exceeds the {limit}-byte limit")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{what} is not valid UTF-8 (byte {exc.start})") from None
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise InputError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise InputError(f"{what} is not valid JSON ({exc})") from None
 
 
 class Message(BaseModel):
@@ -36,13 +71,25 @@ def _prompt_text(value: str) -> str:
     return value
 
 
+MAX_SEED = 2**53  # integers a JSON number carries exactly
+MAX_TIMESTEP = 1000  # the schedule's training range: steps are in (0, 1000]
+Step = Annotated[float, Field(gt=0, le=MAX_TIMESTEP, allow_inf_nan=False)]
+
+
 class StreamParams(BaseModel):
-    """Per-stream parameters a client may set; anything else is refused by name."""
+    """Per-stream parameters a client may set, each in a stated range; anything else is refused by name."""
 
     model_config = ConfigDict(extra="forbid")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    steps: list[float] | None = Field(None, min_length=1, max_length=8)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
+    steps: list[Step] | None = Field(None, min_length=1, max_length=8)
     transition: TransitionSpec | None = None
+
+    @field_validator("steps")
+    @classmethod
+    def _decreasing(cls, steps: list[float] | None) -> list[float] | None:
+        if steps is not None and any(b >= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"steps must strictly decrease (e.g. [1000, 750, 500, 250]), got {steps}")
+        return steps
 
     def changes(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -125,7 +172,5 @@ class Offer(BaseModel):
 
 
 def parse_client_message(raw: str | bytes) -> PromptMessage | ParamsMessage | PauseMessage | ResumeMessage | ResetMessage:
-    """Validate one data-channel message; raises ValueError with a readable reason."""
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise ValueError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
-    return CLIENT_MESSAGE.validate_json(raw)
+    """Validate one data-channel message; raises InputError (or pydantic's ValidationError) with a readable reason."""
+    return CLIENT_MESSAGE.validate_python(load_json(raw, "message", MAX_MESSAGE_BYTES))

@@ -16,6 +16,7 @@ from ..models.bundle import load_bundle
 from . import ice
 from .app import create_app
 from .config import ServeConfig
+from .limits import check_exposure
 from .manager import SessionManager
 from .metrics import Metrics
 
@@ -41,16 +42,16 @@ class Server:
 
     async def start(self) -> None:
         config = self.config
+        check_exposure(config.host, config.token)
         ice.ice_servers(config.ice_servers)  # refuse bad URLs before binding
-        # Sessions share the process: each generation thread gets an equal share of the cores
-        # instead of every thread fighting over all of them.
         threads = torch.get_num_threads()
         torch.set_num_threads(config.torch_threads())
         self._undo.append(lambda: torch.set_num_threads(threads))
         if ice.is_loopback(config.host):
             self._undo.append(ice.use_loopback_candidates())
         bundle = await asyncio.to_thread(load_bundle, config.model, config.model_dir, **config.precision)
-        self.backend = await asyncio.to_thread(make_backend, bundle, config.backend, max_streams=config.max_sessions, **config.ray)
+        self.backend = await asyncio.to_thread(make_backend, bundle, config.backend, max_streams=config.max_sessions,
+                                            scheduler=config.scheduler, **config.ray)
         self.manager = SessionManager(self.backend, config, self.metrics)
         self.manager.start()
         self._runner = web.AppRunner(create_app(config, self.backend, self.manager, self.metrics), access_log=None)

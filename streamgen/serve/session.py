@@ -1,4 +1,5 @@
-"""A generation session: its own FrameStream, generation thread and frame queue, and its controls.
+"""A generation session: its own FrameStream and frame queue, its controls, and the sink through which
+the backend's engine loop delivers its chunks (paced just in time for playback).
 
 The session is the *generation* state; the WebRTC connection serving it (`Peer`) is transport only.
 When the peer goes away the session waits `grace_s` for a reconnect with its id, which resumes the
@@ -9,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -20,10 +22,9 @@ from ..engine.frame_stream import FrameChunk, FrameStream
 from ..engine.prompts import Transition
 from .config import ServeConfig
 from .encoder import DisplayScaler
-from .frames import Frame, FrameQueue
+from .frames import Frame, FrameQueue, Pacer
 from .metrics import Metrics
 from .protocol import Ack, Error, Stall, Stats, TransitionSpec
-from .worker import GenerationWorker
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 class Session:
     def __init__(self, sid: str, stream: FrameStream, backend: Backend, config: ServeConfig, metrics: Metrics,
-                 client_ip: str, on_closed: Callable[[Session], None]) -> None:
+                 client_ip: str, on_closed: Callable[[Session], None], controls: Executor) -> None:
+        """`controls` runs the blocking part of a control (encoding a prompt) off the event loop."""
         self.id = sid
         self.stream = stream
         self.fps = stream.fps
@@ -45,8 +47,11 @@ class Session:
         self.deadline: float | None = None  # monotonic time by which a peer must be connected
         self._backend, self._config, self._metrics, self._on_closed = backend, config, metrics, on_closed
         self._loop = asyncio.get_running_loop()
-        self.queue = FrameQueue(self._loop)
-        self._ack_ids: dict[str, deque[str | int | None]] = defaultdict(deque)  # per kind: acks come in order
+        self._controls = controls
+        self.queue = FrameQueue(self._loop, on_room=self._on_room)
+        self._pacer = Pacer(stream.fps, config.queue_chunks)
+        self._scaler = DisplayScaler(config.display_size)
+        self._handle = None  # the backend's handle on our generation, from start()
         self._created = time.monotonic()
         self._offered_at: float | None = None
         self._first_frame_s: float | None = None
@@ -54,11 +59,13 @@ class Session:
         self._counts = dict.fromkeys(("generated", "sent", "held", "dropped"), 0)
         self._stalls = 0  # backend recoveries this session went through
         self._window = (time.monotonic(), 0, 0.0)  # (start, new frames sent, sum of their ages)
-        self._worker = GenerationWorker(sid[:8], stream, self.queue, DisplayScaler(config.display_size),
-                                        config.queue_chunks, self._on_chunk, self._on_error)
 
     def start(self) -> None:
-        self._worker.start()
+        self._handle = self._backend.start(self.id[:8], self.stream, self)
+
+    def _on_room(self) -> None:
+        if self._handle is not None:
+            self._handle.wake()
 
     # --- transport ---------------------------------------------------------------------------
     def attach(self, peer: Peer) -> Peer | None:
@@ -87,36 +94,52 @@ class Session:
 
     # --- controls (event loop) -----------------------------------------------------------------
     async def set_prompt(self, prompt: str, transition: TransitionSpec | None, msg_id: str | int | None) -> None:
-        """Queue a prompt change for the next chunk boundary; its ack comes when that chunk is made."""
+        """Queue a prompt change for the next chunk boundary; its ack (with `msg_id`) comes when that chunk is made."""
         spec = Transition(**transition.model_dump()) if transition else None
-        await self._queued("prompt", msg_id, lambda: self.stream.set_prompt(prompt, spec))  # encodes the prompt: off the loop
+        await self._queued(lambda: self.stream.set_prompt(prompt, spec, tag=msg_id))  # encodes the prompt: off the loop
 
     async def set_params(self, changes: dict[str, Any], msg_id: str | int | None) -> None:
-        await self._queued("params", msg_id, lambda: self.stream.set_params(**changes))
+        await self._queued(lambda: self.stream.set_params(msg_id, **changes))
 
     async def reset(self, msg_id: str | int | None) -> None:
-        await self._queued("reset", msg_id, self.stream.reset)
+        await self._queued(lambda: self.stream.reset(msg_id))
 
     def pause(self, msg_id: str | int | None) -> Ack:
-        """Freeze on the frame now on screen, at once: queued frames wait (Scope PR #43: no play-out)."""
+        """Freeze on the frame now on screen, at once: queued frames wait (Scope PR #43: no play-out), and no
+        new chunk starts (a reset still lands, so it is acknowledged)."""
         self.paused = True
+        if self._handle is not None:
+            self._handle.pause()
         return Ack(of="pause", frame=self.last.index if self.last else 0, id=msg_id)
 
     def resume(self, msg_id: str | int | None) -> Ack:
         self.paused = False
+        if self._handle is not None:
+            self._handle.resume()
         following = self.queue.peek_index()
         return Ack(of="resume", frame=following if following is not None else (self.last.index + 1 if self.last else 0),
                    id=msg_id)
 
-    async def _queued(self, kind: str, msg_id: str | int | None, call: Callable[[], None]) -> None:
-        self._ack_ids[kind].append(msg_id)
-        try:
-            await asyncio.to_thread(call)
-        except BaseException:
-            self._ack_ids[kind].pop()
-            raise
+    async def _queued(self, call: Callable[[], None]) -> None:
+        await self._loop.run_in_executor(self._controls, call)
+        self._on_room()  # a queued reset makes a paused stream schedulable
 
-    # --- generation thread callbacks ------------------------------------------------------------
+    # --- the sink: called on the backend's generation thread ---------------------------------------
+    def wants_chunk(self) -> bool:
+        """Just in time: when the frames still queued cover the next chunk's expected compute time."""
+        return not self.queue.closed and self.queue.depth <= self._pacer.ahead()
+
+    def deliver(self, chunk: FrameChunk, seconds: float) -> None:
+        born = time.monotonic() - seconds
+        images = self._scaler(chunk.frames.cpu().numpy())
+        self._pacer.observe(seconds, len(images))
+        flushed = self.queue.flush() if any(a.of == "reset" for a in chunk.acks) else 0
+        self._on_chunk(chunk, seconds, flushed)
+        self.queue.put([Frame(chunk.first_frame + i, image, born) for i, image in enumerate(images)])
+
+    def fail(self, exc: BaseException) -> None:
+        self._on_error(exc)
+
     def _on_chunk(self, chunk: FrameChunk, seconds: float, flushed: int) -> None:
         self._metrics.inc("streamgen_frames_generated_total", len(chunk.frames))
         self._metrics.observe("streamgen_chunk_latency_seconds", seconds)
@@ -136,18 +159,17 @@ class Session:
             self.send(Stall(frame=chunk.first_frame, reason=stall["reason"], recovery_s=round(stall["recovery_s"], 3),
                             events=stall["events"], replaced=stall.get("replaced", [])))
         for ack in chunk.acks:
-            ids = self._ack_ids[ack.of]
-            self.send(Ack(of=ack.of, frame=ack.frame, id=ids.popleft() if ids else None, detail=ack.detail or None))
+            self.send(Ack(of=ack.of, frame=ack.frame, id=ack.tag, detail=ack.detail or None))
 
     def _on_error(self, exc: BaseException) -> None:
         log.error("session %s: generation failed", self.id, exc_info=exc)
         message = f"generation failed: {type(exc).__name__}: {exc}"[:300]
 
-        def fail() -> None:
+        async def fail() -> None:
             self.send(Error(message=message))
-            asyncio.ensure_future(self.close("error"))
+            await self.close("error")
 
-        self._loop.call_soon_threadsafe(fail)
+        asyncio.run_coroutine_threadsafe(fail(), self._loop)
 
     # --- track callback ---------------------------------------------------------------------------
     def on_sent(self, frame: Frame, new: bool, dropped: int) -> None:
@@ -194,11 +216,15 @@ class Session:
         self.state, self.deadline = "closed", None
         self._on_closed(self)
         self._metrics.inc("streamgen_sessions_closed_total", reason=reason)
-        self._worker.stop()
+        self.queue.close()
+        stopped = self._handle.stop() if self._handle is not None else None
         peer, self.peer = self.peer, None
         if peer is not None:
             await peer.close()
-        if not await asyncio.to_thread(self._worker.join, 30.0):
-            log.warning("session %s: generation thread still busy after 30 s; closing its stream anyway", self.id)
+        if stopped is not None:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(stopped), 30.0)
+            except asyncio.TimeoutError:
+                log.warning("session %s: its chunk still computing after 30 s; closing its stream anyway", self.id)
         self._backend.close(self.stream)
         log.info("session %s closed (%s)", self.id, reason)

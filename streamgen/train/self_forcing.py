@@ -37,12 +37,12 @@ class RecordingDenoiser(Denoiser):
         super().__init__(*args, **kwargs)
         self.steps: list[tuple[Tensor, Tensor]] = []
 
-    def one(self, x, t, cross, cache, call):
-        if call.role == "denoise":
-            if call.start_frame != getattr(self, "_chunk_start", None):
-                self.steps, self._chunk_start = [], call.start_frame
+    def call(self, x, t, cross, cache, spec):
+        if spec.role == "denoise":
+            if spec.start_frame != getattr(self, "_chunk_start", None):
+                self.steps, self._chunk_start = [], spec.start_frame
             self.steps.append((x, t))
-        return super().one(x, t, cross, cache, call)
+        return super().call(x, t, cross, cache, spec)
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-max-sessions", type=int, help="streams per pipeline / worker (default: --max-sessions)")
 
 
-def make_backend(bundle, backend: str = "local", *, max_streams: int = 4, ray_address: str | None = "auto",
+def make_backend(bundle, backend: str = "local", *, max_streams: int = 4, scheduler: str = "engine", ray_address: str | None = "auto",
                  ray_mode: str = "tpp", ray_stages: int = 2, ray_pipelines: int = 1, ray_workers: int = 2,
                  ray_cpus: float | None = None, ray_gpus: float = 0.0, ray_kv_budget_gb: float = 2.0,
                  ray_max_sessions: int | None = None):
@@ -73,9 +73,13 @@ def make_backend(bundle, backend: str = "local", *, max_streams: int = 4, ray_ad
     if backend == "local":
         from ..local import LocalBackend
 
-        return LocalBackend(bundle, max_streams=max_streams)
+        return LocalBackend(bundle, max_streams=max_streams, scheduler=scheduler)
     if backend != "ray":
         raise ValueError(f"unknown backend {backend!r}; known: local, ray")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ValueError("--backend ray needs Ray: pip install 'streamgen[ray]'") from None
     from .backend import RayBackend
     from .pipeline import PipelineConfig
     from .placement import PlacementConfig

@@ -54,7 +54,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from ...cache.policy import make_policy
-from ...engine.execution import ChunkInputs, Execution, Inputs
+from ...engine.execution import Calls, ChunkInputs, Execution, Inputs, finished
 from ...engine.frame_stream import FrameChunk, FrameStream
 from ...engine.stream import Stream, StreamConfig
 from ..base import CapacityError
@@ -596,6 +596,9 @@ class PipelineExecution(Execution):
     def kv_bytes(self) -> int:
         return sum(self.session.kv_bytes)
 
+    def chunk(self, inputs: Inputs) -> Calls[tuple[int, Tensor]]:
+        return (yield from finished(self.next_chunk(inputs)))
+
     def next_chunk(self, inputs: Inputs) -> tuple[int, Tensor]:
         sess = self.session
         while True:
@@ -671,8 +674,6 @@ class PipelineFrameStream(FrameStream):
         acks = [replace(a, frame=video(a.frame)) for a in chunk.acks]
         return PipelineChunk(chunk.index, video(chunk.first_frame), frames, chunk.latents, acks, stall)
 
-    def set_prompt(self, prompt: str, transition=None, at_frame: int | None = None) -> None:
-        self.stream.set_prompt(prompt, transition, at_frame)
 
     def close(self) -> None:
         if not self.closed and self.execution is not None:

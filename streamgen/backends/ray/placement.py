@@ -30,7 +30,7 @@ from ...cache.policy import make_policy
 from ...engine.execution import ExactExecution, RecentFrames
 from ...engine.frame_stream import FrameStream
 from ...engine.prompts import Transition
-from ...engine.stream import Stream, StreamConfig
+from ...engine.stream import Stream, StreamConfig, Tag
 from .pipeline import PipelineChunk, StreamFailedError, actor_options, slot_cache_bytes
 from .rebuild import fill_recent, rebuild_cache
 from .stage import _device
@@ -108,12 +108,13 @@ def restore(stream: Stream, snap: StreamSnapshot, recent: list[Tensor]) -> None:
 
 def _apply_control(stream: Stream, kind: str, args: tuple) -> None:
     if kind == "prompt":
-        prompt, transition, at_frame = args
-        stream.set_prompt(prompt, transition, at_frame)
+        prompt, transition, at_frame, tag = args
+        stream.set_prompt(prompt, transition, at_frame, tag)
     elif kind == "params":
-        stream.set_params(**args[0])
+        params, tag = args
+        stream.set_params(tag, **params)
     elif kind == "reset":
-        stream.reset()
+        stream.reset(*args)
     else:
         raise ValueError(f"unknown control {kind!r}")
 
@@ -211,6 +212,7 @@ class _Worker:
         self.draining = False
         self.sessions: dict[str, "PlacedFrameStream"] = {}
         self.used_bytes = 0
+        self.recovering = threading.Lock()  # one replacement at a time, without holding the placement's lock
 
 
 def _cause(exc: RayTaskError) -> BaseException:
@@ -298,25 +300,29 @@ class Placement:
             pass
 
     def worker_failed(self, worker: _Worker, generation: int, reason: str) -> None:
-        """Replace a dead (or stuck) worker once; its streams resume on their next `next()`."""
-        with self._lock:
-            if worker.generation != generation:
-                return  # already replaced by another stream's call
+        """Replace a dead (or stuck) worker once; its streams resume on their next `next()`. The wait for the
+        new actor (up to `recover_timeout_s`) holds only this worker's recovery lock: stats, admission and
+        close go on meanwhile."""
+        with worker.recovering:
+            with self._lock:
+                if worker.generation != generation:
+                    return  # already replaced by another stream's call
             t0 = time.perf_counter()
             try:
                 ray.kill(worker.actor, no_restart=True)
             except Exception:
                 pass
             actor = self._make_actor(worker.index)
-            worker.info = ray.get(actor.ready.remote(), timeout=self.cfg.recover_timeout_s)
-            worker.actor = actor
-            worker.generation += 1
-            for s in worker.sessions.values():
-                s.needs_resume = True
-                s._pending_stall = {"events": 1, "reason": f"worker {worker.index} replaced ({reason})",
-                                    "recovery_s": time.perf_counter() - t0, "replaced": [f"worker{worker.index}"]}
-            self.recoveries.append({"time": time.time(), "worker": worker.index, "reason": reason,
-                                    "replace_s": time.perf_counter() - t0})
+            info = ray.get(actor.ready.remote(), timeout=self.cfg.recover_timeout_s)
+            with self._lock:
+                worker.info, worker.actor = info, actor
+                worker.generation += 1
+                for s in worker.sessions.values():
+                    s.needs_resume = True
+                    s._pending_stall = {"events": 1, "reason": f"worker {worker.index} replaced ({reason})",
+                                        "recovery_s": time.perf_counter() - t0, "replaced": [f"worker{worker.index}"]}
+                self.recoveries.append({"time": time.time(), "worker": worker.index, "reason": reason,
+                                        "replace_s": time.perf_counter() - t0})
 
     def move(self, stream: "PlacedFrameStream", target: _Worker) -> None:
         """Resume `stream` on `target` from its driver-side snapshot (caller holds the stream's lock)."""
@@ -466,6 +472,12 @@ class PlacedFrameStream(FrameStream):
             return PipelineChunk(out["index"], out["first_frame"], unpack(out["frames"]), latents, out["acks"], stall)
 
     # --- controls ------------------------------------------------------------------------------
+    @property
+    def reset_pending(self) -> bool:
+        """A reset sent and not yet covered by a snapshot (it lands with the next chunk)."""
+        with self._ctl_lock:
+            return any(kind == "reset" for _, kind, _ in self.controls)
+
     def _control(self, kind: str, args: tuple) -> None:
         """Sent to the worker at once (validated there: a bad prompt raises here) and logged until a
         snapshot covers it, so a resumed stream gets it too."""
@@ -480,14 +492,15 @@ class PlacedFrameStream(FrameStream):
                 pass  # the worker is gone: the control is replayed where the stream resumes
             self.controls.append((seq, kind, args))
 
-    def set_prompt(self, prompt: str, transition: Transition | None = None, at_frame: int | None = None) -> None:
-        self._control("prompt", (prompt, transition, at_frame))
+    def set_prompt(self, prompt: str, transition: Transition | None = None, at_frame: int | None = None,
+                   tag: Tag = None) -> None:
+        self._control("prompt", (prompt, transition, at_frame, tag))
 
-    def set_params(self, **params: Any) -> None:
-        self._control("params", (params,))
+    def set_params(self, tag: Tag = None, **params: Any) -> None:
+        self._control("params", (params, tag))
 
-    def reset(self) -> None:
-        self._control("reset", ())
+    def reset(self, tag: Tag = None) -> None:
+        self._control("reset", (tag,))
 
     def close(self) -> None:
         if not self.closed:

@@ -23,9 +23,14 @@ from ray import serve
 
 
 def _settings() -> dict[str, Any]:
+    """From the environment: STREAMGEN_HOST (default 0.0.0.0, which needs STREAMGEN_TOKEN or STREAMGEN_TOKEN_FILE:
+    the server refuses an exposed bind without a token), STREAMGEN_PORT, STREAMGEN_MODEL, STREAMGEN_RAY_*."""
+    from ...serve.limits import read_token
+
     env = os.environ.get
     return {
-        "host": "0.0.0.0", "port": int(env("STREAMGEN_PORT", "8080")), "model": env("STREAMGEN_MODEL", "tiny-random"),
+        "host": env("STREAMGEN_HOST", "0.0.0.0"), "token": read_token(env("STREAMGEN_TOKEN_FILE")),
+        "port": int(env("STREAMGEN_PORT", "8080")), "model": env("STREAMGEN_MODEL", "tiny-random"),
         "max_sessions": int(env("STREAMGEN_MAX_SESSIONS", "8")), "backend": "ray",
         "ray": {"ray_address": "auto", "ray_mode": env("STREAMGEN_RAY_MODE", "tpp"),
                 "ray_stages": int(env("STREAMGEN_RAY_STAGES", "2")), "ray_gpus": float(env("STREAMGEN_RAY_GPUS", "1")),

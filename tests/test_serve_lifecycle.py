@@ -1,0 +1,42 @@
+"""Sessions come and go without leaving anything behind: engine requests, backend streams, per-address
+counters, generation threads; and the serving core's loop never blocks /health."""
+from __future__ import annotations
+
+import threading
+
+from .test_serve import StreamClient, run, serving, until
+
+
+def _generation_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("generate-", "drive-"))]
+
+
+def test_sessions_opened_and_dropped_leave_nothing_behind() -> None:
+    async def main() -> None:
+        async with serving(max_sessions=2, max_sessions_per_ip=2, grace_s=0.3) as server:
+            engine = server.backend.engine
+            warm = StreamClient(server.url, prompt="a red circle")
+            await warm.connect()
+            await warm.next_frame()
+            await warm.close()
+            assert await until(lambda: not server.manager.sessions, 10)
+            threads = threading.active_count()
+            for i in range(24):
+                client = StreamClient(server.url, prompt=f"a red circle {i}")
+                await client.connect()
+                await client.next_frame()
+                if i % 3 == 0:
+                    await client.drop()  # the peer vanishes without DELETE: the grace period frees it
+                    await client.close(delete=False)
+                else:
+                    await client.close()
+                assert await until(lambda: len(server.manager.sessions) < 2, 10)
+            assert await until(lambda: not server.manager.sessions, 10)
+            assert await until(lambda: not engine.requests, 5)
+            assert server.backend.stats()["streams"] == 0
+            assert not server.manager._admitting  # no zero counters kept per address
+            assert not _generation_threads()  # one engine thread serves every session
+            assert threading.active_count() <= threads + 2, [t.name for t in threading.enumerate()]
+            assert engine.stats()["ticks"] > 0
+
+    run(main(), timeout=300)
