@@ -23,7 +23,7 @@ def _optional(module: str):
         return None
 
 
-def _pick(q: Tensor, mask: Tensor | None) -> str:
+def pick_backend(q: Tensor, mask: Tensor | None) -> str:
     wanted = os.environ.get("STREAMGEN_ATTENTION", "auto")
     if wanted not in BACKENDS:
         raise ValueError(f"STREAMGEN_ATTENTION={wanted!r}; known backends: {', '.join(BACKENDS)}")
@@ -37,7 +37,7 @@ def _pick(q: Tensor, mask: Tensor | None) -> str:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Softmax attention on [B, L, heads, head_dim] tensors (scale 1/√head_dim); mask: bool [Lq, Lk]."""
-    backend = _pick(q, mask)
+    backend = pick_backend(q, mask)
     if backend == "flash":
         return _optional("flash_attn").flash_attn_func(q, k, v)
     if backend == "xformers":
