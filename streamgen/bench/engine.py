@@ -19,6 +19,7 @@ from ..models.decoders import FrameDecoder
 from ..models.attention import pick_backend
 from ..models.dit import WanDiT
 from ..models.random_text import RandomTextEncoder
+from ..models.real import ContextOnDevice
 
 FLAT_EARLY = (10, 20)
 FLAT_LATE = (1000, 1010)
@@ -67,7 +68,8 @@ def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
     model = prepare_dit(WanDiT(bench.model).to(device).eval(), dtype, bench.quant, bench.compile)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # timings of finished work only
     config = replace(bench.stream, dtype=dtype)
-    stream = Stream(model, RandomTextEncoder(bench.model.text_len, bench.model.text_dim), config, "a benchmark prompt")
+    text = ContextOnDevice(RandomTextEncoder(bench.model.text_len, bench.model.text_dim), device, torch.float32)
+    stream = Stream(model, text, config, "a benchmark prompt")
     decoder = bench.decoder() if bench.decoder is not None else None
     decode_s: list[float] = []
     decoded = 0
