@@ -62,7 +62,7 @@ def open_stream(model: str = "embedded", prompt: str | None = None, *, backend: 
     (local, or ray with `ray_*` settings as `make_backend` takes them); `settings` also takes StreamConfig
     overrides (seed, steps, policy, schedule, ...). `prompt` defaults to the model's example prompt."""
     from .backends.ray.cluster import make_backend
-    from .models.bundle import load_bundle
+    from .bundles.bundle import load_bundle
 
     ray = {k: settings.pop(k) for k in list(settings) if k.startswith("ray_")}
     bundle = load_bundle(model, model_dir, dtype=dtype, quant=quant)

@@ -37,9 +37,9 @@ def cmd_verify_fixture(args: argparse.Namespace) -> int:
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from .bench import engine
     from .bench.results import save_result
+    from .bundles.registry import bench_setup_from_args, precision_settings
     from .engine.stream import StreamConfig
     from .models.config import DiTConfig
-    from .models.registry import bench_setup_from_args, precision_settings
 
     precision = precision_settings(args)
     setup = bench_setup_from_args(args)  # --model NAME --random-weights: that family's real architecture and settings
@@ -55,7 +55,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
         stream = StreamConfig(*args.latent, policy=policy, policy_settings=dict(args.policy_setting), sampler=sampler,
                               schedule=args.schedule or "exact", steps=tuple(steps), batch_slots=not args.unbatched,
                               seed=args.seed)
-    from .models.registry import bench_decoder
+    from .bundles.registry import bench_decoder
 
     result = engine.run(engine.EngineBench(model, stream, args.chunks, args.threads, args.seed, bench_decoder(args),
                                            device=args.device, **precision), progress=not args.quiet)
@@ -70,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from .backends.ray.cluster import ray_settings
-    from .models.registry import precision_settings
+    from .bundles.registry import precision_settings
     from .serve.config import ServeConfig
     from .serve.limits import check_exposure, read_token
     from .serve.server import serve_forever
@@ -100,7 +100,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from streamgen_client.cli import run_args  # installed with streamgen (and on its own: clients/python)
+    from streamgen_client.cli import (
+        run_args,  # installed with streamgen (and on its own: clients/python)
+    )
 
     return run_args(args)
 
@@ -108,7 +110,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .backends.names import SCHEDULERS
     from .backends.ray.cluster import add_ray_arguments
-    from .models.registry import (  # light: imports no torch
+    from .bundles.registry import (  # light: imports no torch
         add_bench_model_options,
         add_models_parser,
         add_precision_arguments,
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
-    from .world.evaluate_cli import add_eval_parser
+    from .evaluation.cli import add_eval_parser
 
     add_eval_parser(sub)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamgen.models.bundle import ModelBundle, load_bundle
+from streamgen.bundles.bundle import ModelBundle, load_bundle
 from streamgen.models.dit import WanDiT
 from streamgen.models.random_text import RandomTextEncoder
 from streamgen.parity.common import Fixture

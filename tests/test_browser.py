@@ -1,4 +1,4 @@
-"""The web client (`clients/web`, served at `/`) in real headless Chromium against a real server.
+"""The web client (`streamgen/serve/web`, served at `/`) in real headless Chromium against a real server.
 
 Chromium is driven over the DevTools protocol with aiohttp's websocket client (spec ecosystem §5,
 recipe B): no playwright, no node, no browser download — only Debian's `/usr/bin/chromium`

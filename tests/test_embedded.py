@@ -6,16 +6,31 @@ import numpy as np
 import pytest
 import torch
 
+from streamgen.bundles.embedded import (
+    EMBEDDED_STREAM,
+    EmbeddedModel,
+    PixelDecoder,
+    VocabTextEncoder,
+    embedded_bundle,
+    frames_to_latents,
+    load_weights,
+    save_weights,
+)
 from streamgen.engine.noise import NoiseSource
 from streamgen.engine.stream import Stream
 from streamgen.models.attention import BlockCausalAttention
 from streamgen.models.config import DiTConfig
-from streamgen.models.embedded import (EMBEDDED_STREAM, EmbeddedModel, PixelDecoder, VocabTextEncoder, embedded_bundle,
-                                       frames_to_latents, load_weights, save_weights)
 from streamgen.sampling.few_step import FewStepSampler
 from streamgen.sampling.schedule import FlowSchedule
 from streamgen.train.attention import ChunkMaskAttention, recache_ids
-from streamgen.world import Prompt, WorldState, parse_prompt, prompt_tokens, render, sample_batch
+from streamgen.world import (
+    Prompt,
+    WorldState,
+    parse_prompt,
+    prompt_tokens,
+    render,
+    sample_batch,
+)
 
 SMALL = DiTConfig(dim=64, ffn_dim=128, freq_dim=64, text_dim=32, text_len=4, num_heads=2, num_layers=2,
                   in_dim=3, out_dim=3, patch_size=(1, 4, 4))
@@ -87,7 +102,7 @@ def _emulated_stream(model: EmbeddedModel, chunk_prompts: list[str], seed: int) 
     ["red circle left", "green triangle down", "green triangle down"],
 ])
 def test_full_sequence_path_equals_the_window_cache_stream(model, chunk_prompts):
-    from streamgen.models.embedded import bundle_from_model
+    from streamgen.bundles.embedded import bundle_from_model
 
     bundle = bundle_from_model(model)
     stream = Stream(bundle.dit, bundle.text_encoder, EMBEDDED_STREAM, chunk_prompts[0])

@@ -1,4 +1,4 @@
-"""`streamgen eval` (streamgen/world/evaluate_cli.py): end to end on a tiny random-init embedded model
+"""`streamgen eval` (streamgen/evaluation/cli.py): end to end on a tiny random-init embedded model
 (JSON + Markdown, one row per policy × schedule, switch latency, long stream), the ground-truth path
 scored at 100% through the same reporting code, and clear errors. A few seconds on one thread."""
 from __future__ import annotations
@@ -8,9 +8,8 @@ import json
 import pytest
 import torch
 
-from streamgen.models.config import DiTConfig
-from streamgen.models.embedded import EmbeddedModel, save_weights
-from streamgen.world.evaluate_cli import (
+from streamgen.bundles.embedded import EmbeddedModel, save_weights
+from streamgen.evaluation.cli import (
     SWITCH_KINDS,
     WorldSource,
     evaluate_source,
@@ -20,6 +19,7 @@ from streamgen.world.evaluate_cli import (
     switch_items,
     write_outputs,
 )
+from streamgen.models.config import DiTConfig
 
 TINY = DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=16, text_len=4, num_heads=2, num_layers=2,
                  in_dim=3, out_dim=3, patch_size=(1, 4, 4))

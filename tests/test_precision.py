@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from streamgen.bundles import bundle as bundle_module
+from streamgen.bundles.bundle import BundleSpec, load_bundle, prepare_dit
 from streamgen.cli import main
 from streamgen.engine.stream import Stream, StreamConfig
-from streamgen.models import bundle as bundle_module
 from streamgen.models.attention import BlockCausalAttention
-from streamgen.models.bundle import BundleSpec, load_bundle, prepare_dit
 from streamgen.models.quant import BLOCK_LINEARS, QuantLinear
 
 WINDOW = {"policy": "window_sink", "policy_settings": {"capacity_frames": 12, "sink_frames": 3}}

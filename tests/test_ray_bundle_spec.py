@@ -15,8 +15,8 @@ import torch
 ray = pytest.importorskip("ray")
 
 from streamgen.backends.ray import cluster  # noqa: E402
+from streamgen.bundles.bundle import BundleSpec  # noqa: E402
 from streamgen.cli import main  # noqa: E402
-from streamgen.models.bundle import BundleSpec  # noqa: E402
 from streamgen.render.writer import load_latents  # noqa: E402
 
 from .test_registry import tiny_family, tiny_model_dir  # noqa: E402

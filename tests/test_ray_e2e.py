@@ -16,8 +16,8 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from streamgen.bundles.bundle import load_bundle
 from streamgen.engine.frame_stream import FrameStream
-from streamgen.models.bundle import load_bundle
 from streamgen.render.job import latent_for_video
 from streamgen.render.writer import load_latents
 

@@ -16,8 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from streamgen.models import registry
-from streamgen.models.registry import (
+from streamgen.bundles import registry
+from streamgen.bundles.registry import (
     FamilyConfigError,
     ModelDirError,
     add_bench_model_options,
@@ -362,7 +362,7 @@ def test_models_check_exit_codes(tiny: tuple[Path, Path], capsys: pytest.Capture
 
 # ----------------------------------------------------------------------------------- load_family
 def test_load_family_checks_before_loading(tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from streamgen.models import real
+    from streamgen.bundles import real
 
     yaml_path, d = tiny
     (d / "models" / "lora.pt").unlink()
@@ -372,8 +372,8 @@ def test_load_family_checks_before_loading(tiny: tuple[Path, Path], monkeypatch:
 
 
 def test_load_family_from_tiny_dir_merges_lora_and_streams(tmp_path: Path) -> None:
+    from streamgen.bundles.real import load_family
     from streamgen.engine.stream import Stream
-    from streamgen.models.real import load_family
 
     yaml_path, d = tiny_family(tmp_path / "configs"), tiny_model_dir(tmp_path, with_tokenizer=True)
     bundle = load_family(yaml_path, d)
@@ -393,8 +393,8 @@ def test_load_family_from_tiny_dir_merges_lora_and_streams(tmp_path: Path) -> No
 
 
 def test_random_weights_bundle_reads_no_files(tmp_path: Path) -> None:
+    from streamgen.bundles.real import load_family
     from streamgen.engine.stream import Stream
-    from streamgen.models.real import load_family
     from streamgen.models.taehv import TAEHV
 
     bundle = load_family(tiny_family(tmp_path), random_weights=True, decoder="taehv", size="32x48")
@@ -408,9 +408,9 @@ def test_random_weights_bundle_reads_no_files(tmp_path: Path) -> None:
 
 
 def test_bench_bundle_builds_the_real_architecture_reduced() -> None:
+    from streamgen.bundles.real import bench_bundle
     from streamgen.engine.stream import Stream
     from streamgen.models.random_text import RandomTextEncoder
-    from streamgen.models.real import bench_bundle
 
     bundle = bench_bundle("wan2.1-t2v-1.3b", size="832x480", layers=1, dim=128, decoder="preview")
     cfg = bundle.dit.cfg
@@ -471,5 +471,5 @@ def test_registry_import_is_light() -> None:
     import subprocess
     import sys
 
-    code = "import sys, streamgen.models.registry; sys.exit('torch' in sys.modules)"
+    code = "import sys, streamgen.bundles.registry; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -27,15 +27,16 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 
+from streamgen_client import ControlError, ReceivedFrame, ServerError, StreamClient  # noqa: E402
+
+from streamgen.bundles.bundle import load_bundle  # noqa: E402
 from streamgen.engine.frame_stream import FrameStream  # noqa: E402
-from streamgen.models.bundle import load_bundle  # noqa: E402
 from streamgen.serve.config import ServeConfig  # noqa: E402
 from streamgen.serve.frames import Frame, FrameQueue  # noqa: E402
 from streamgen.serve.ice import ice_servers  # noqa: E402
 from streamgen.serve.limits import check_exposure  # noqa: E402
 from streamgen.serve.server import Server  # noqa: E402
 from streamgen.serve.track import PacedVideoTrack  # noqa: E402
-from streamgen_client import ControlError, ReceivedFrame, ServerError, StreamClient  # noqa: E402
 
 MATCH = 12.0  # mean |Δ| per 8-bit value, after block-averaging: codec error ≈ 2, another frame ≈ 57
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from streamgen.models.bundle import DEFAULT_MODEL, load_bundle
-from streamgen.models.embedded import WEIGHTS_PATH
+from streamgen.bundles.bundle import DEFAULT_MODEL, load_bundle
+from streamgen.bundles.embedded import WEIGHTS_PATH
 from streamgen.train.evaluate import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")

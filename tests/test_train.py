@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from streamgen.bundles.embedded import embedded_bundle
 from streamgen.engine.frame_stream import FrameStream
 from streamgen.models.config import DiTConfig
-from streamgen.models.embedded import embedded_bundle
 from streamgen.train.config import TrainConfig
 from streamgen.train.loop import Trainer
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from ..bundles.bundle import ModelBundle
 from ..engine.frame_stream import FrameStream
 from ..engine.scheduler import ChunkSink
-from ..models.bundle import ModelBundle
 from .driver import StreamHandle, ThreadDriver
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ..bundles.bundle import ModelBundle
 from ..engine.frame_stream import FrameStream
 from ..engine.scheduler import ChunkSink, Engine
-from ..models.bundle import ModelBundle
 from .base import Backend, CapacityError
 from .driver import EngineHandle, StreamHandle
 from .names import SCHEDULERS

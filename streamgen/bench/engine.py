@@ -12,14 +12,14 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from ..bundles.bundle import dtype_name, prepare_dit, resolve_dtype
+from ..bundles.real import ContextOnDevice
 from ..engine.stream import Stream, StreamConfig
-from ..models.bundle import dtype_name, prepare_dit, resolve_dtype
+from ..models.attention import pick_backend
 from ..models.config import DiTConfig
 from ..models.decoders import FrameDecoder
-from ..models.attention import pick_backend
 from ..models.dit import WanDiT
 from ..models.random_text import RandomTextEncoder
-from ..models.real import ContextOnDevice
 
 FLAT_EARLY = (10, 20)
 FLAT_LATE = (1000, 1010)

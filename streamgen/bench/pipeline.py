@@ -28,8 +28,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .results import parse_hw, save_result
 
 MB = 1024 * 1024
@@ -38,8 +36,10 @@ MB = 1024 * 1024
 def random_bundle(dim: int = 256, heads: int = 4, layers: int = 4, latent: tuple[int, int] = (16, 16),
                   policy: str = "ema_sink", seed: int = 0):
     """A seeded random-weight Wan DiT bundle of a given size (built identically in every actor)."""
+    import torch  # lazy: the CLI's parser imports this module
+
+    from ..bundles.bundle import ModelBundle
     from ..engine.stream import StreamConfig
-    from ..models.bundle import ModelBundle
     from ..models.config import DiTConfig
     from ..models.decoders import LatentPreviewDecoder
     from ..models.dit import WanDiT
@@ -66,6 +66,8 @@ def _pct(values: list[float], q: float) -> float:
 
 def run_local(bundle, overrides: dict[str, Any], chunks: int, warmup: int, threads: int) -> dict[str, Any]:
     """The in-process timestep-slot stream (batched) on the same model: the reference throughput."""
+    import torch  # lazy: the CLI's parser imports this module
+
     from ..engine.stream import Stream
 
     before = torch.get_num_threads()
@@ -173,6 +175,7 @@ def transport_probe(payload_bytes: list[int], repeats: int = 40) -> dict[str, An
     """Two chained actor calls (A → B → driver) with a payload: numpy vs torch vs a Compiled Graph."""
     import numpy as np
     import ray
+    import torch  # lazy: the CLI's parser imports this module
 
     os.environ.setdefault("RAY_CGRAPH_teardown_timeout", "2")
 
@@ -228,6 +231,7 @@ def transport_probe(payload_bytes: list[int], repeats: int = 40) -> dict[str, An
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
+    import torch  # lazy: the CLI's parser imports this module
 
     from ..backends.ray.cluster import connect
 

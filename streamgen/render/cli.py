@@ -54,7 +54,7 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     from ..backends.ray.cluster import (
         add_ray_arguments,  # light: no torch, no ray import
     )
-    from ..models.registry import add_precision_arguments  # light: no torch
+    from ..bundles.registry import add_precision_arguments  # light: no torch
     from .writer import (  # light: torch / av are imported where used
         DEFAULT_CRF,
         DEFAULT_PRESET,
@@ -139,8 +139,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..backends.ray.cluster import backend_from_args
-    from ..models.bundle import DEFAULT_MODEL, load_bundle
-    from ..models.registry import precision_settings
+    from ..bundles.bundle import DEFAULT_MODEL, load_bundle
+    from ..bundles.registry import precision_settings
     from .job import frame_count, run_job
 
     if args.threads:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.names import SCHEDULERS
-from ..models.bundle import DEFAULT_MODEL
+from ..bundles.bundle import DEFAULT_MODEL
 
 WEB_ROOT = Path(__file__).resolve().parent / "web"  # the browser client, package data
 

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..backends import Backend
 from ..backends.ray.cluster import make_backend
-from ..models.bundle import load_bundle
+from ..bundles.bundle import load_bundle
 from . import ice
 from .app import create_app
 from .config import ServeConfig

@@ -7,8 +7,8 @@ from typing import Any
 
 
 def default_model() -> dict[str, Any]:
-    """The embedded model's DiT dimensions (streamgen.models.embedded.EMBEDDED_DIT)."""
-    from ..models.embedded import EMBEDDED_DIT
+    """The embedded model's DiT dimensions (streamgen.bundles.embedded.EMBEDDED_DIT)."""
+    from ..bundles.embedded import EMBEDDED_DIT
 
     return EMBEDDED_DIT.to_dict()
 

@@ -8,11 +8,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.embedded import frames_to_latents
+from ..bundles.embedded import frames_to_latents
 from ..world import GRID, sample_batch, sample_clips
 from ..world.checker import FG_THRESHOLD, analyze
 from ..world.clips import N_COLOURS, N_DIRECTIONS, N_SHAPES
-from ..world.render import DIRECTION_DELTA_ARRAY, SPEED_TOKENS, TOKEN_SIZE, render_indices
+from ..world.render import (
+    DIRECTION_DELTA_ARRAY,
+    SPEED_TOKENS,
+    TOKEN_SIZE,
+    render_indices,
+)
 from ..world.vocab import TOKEN_OFFSET
 from .config import LEAD_IN_MOTIONS
 
@@ -128,7 +133,7 @@ def detect_positions(latent_frames: Tensor) -> tuple[np.ndarray, np.ndarray]:
     of foreground (fragments), the centre of the object-sized box that holds most of it. A target
     that depends only on the context is one the model can learn to produce (consolidate the
     fragments where they are), unlike a random one."""
-    from ..models.embedded import latents_to_frames
+    from ..bundles.embedded import latents_to_frames
 
     frames = latents_to_frames(latent_frames).cpu().numpy()
     a = analyze(frames)

@@ -11,9 +11,9 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
+from ..bundles.bundle import ModelBundle
+from ..bundles.embedded import EmbeddedModel, bundle_from_model, embedded_bundle
 from ..engine.stream import Stream
-from ..models.bundle import ModelBundle
-from ..models.embedded import EmbeddedModel, bundle_from_model, embedded_bundle
 from ..world import Prompt, all_prompts
 from ..world.checker import clip_metrics
 from ..world.report import aggregate

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.embedded import save_weights
+from ..bundles.embedded import save_weights
 from .loop import Trainer
 
 

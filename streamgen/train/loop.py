@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from ..bundles.embedded import EMBEDDED_STREAM, EmbeddedModel, parameter_count
 from ..engine.stream import StreamConfig
 from ..models.config import DiTConfig
-from ..models.embedded import EMBEDDED_STREAM, EmbeddedModel, parameter_count
 from ..sampling.schedule import FlowSchedule
 from .attention import ChunkMaskAttention, recache_ids
 from .config import TrainConfig

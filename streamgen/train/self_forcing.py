@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..bundles.embedded import EmbeddedModel
 from ..cache.policy import make_policy
 from ..engine.execution import ChunkInputs, ExactExecution
 from ..engine.noise import NoiseSource
 from ..engine.stream import StreamConfig
-from ..models.embedded import EmbeddedModel
 from ..sampling.denoiser import Denoiser
 from ..sampling.few_step import FewStepSampler
 from ..sampling.schedule import FlowSchedule

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...bundles.bundle import BundleSpec
 from ...engine.noise import NoiseSource
 from ...engine.stream import StreamConfig
-from ...models.bundle import BundleSpec
 
 Packed = Union[np.ndarray, tuple]
 

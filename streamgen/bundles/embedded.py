@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.stream import StreamConfig
+from ..models.attention import SelfAttentionContext
+from ..models.config import DiTConfig
+from ..models.decoders import to_uint8
+from ..models.dit import WanDiT
 from ..world import FPS, NULL_TOKEN, VOCAB, VOCAB_SIZE, parse_prompt, prompt_tokens
-from .attention import SelfAttentionContext
 from .bundle import ModelBundle
-from .config import DiTConfig
-from .decoders import to_uint8
-from .dit import WanDiT
 
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "embedded.safetensors"
 FORMAT = "streamgen-embedded-v1"
@@ -187,6 +187,6 @@ def bundle_from_model(model: EmbeddedModel, stream: StreamConfig = EMBEDDED_STRE
 
 
 def embedded_bundle(weights_path: str | Path | None = None) -> ModelBundle:
-    """The embedded default model from `weights_path` (default: the shipped streamgen/models/weights file)."""
+    """The embedded default model from `weights_path` (default: the shipped streamgen/bundles/weights file)."""
     model, stream, _ = load_weights(weights_path or WEIGHTS_PATH)
     return bundle_from_model(model, stream)

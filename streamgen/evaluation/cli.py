@@ -218,7 +218,7 @@ class WorldSource:
                on_chunk: Callable[[int], None] = lambda n: None) -> StreamResult:
         import numpy as np
 
-        from . import GRID, parse_prompt, render_stream
+        from ..world import GRID, parse_prompt, render_stream
 
         c = self.chunk_frames
         lands = [(-(-f // c) * c, p) for f, p in timeline]
@@ -239,7 +239,7 @@ def prompt_items(count: int | str, seed: int) -> list[str]:
     """'all' → the 84 prompts in index order; N → N distinct prompts drawn with `seed` (N > 84: cycled)."""
     import numpy as np
 
-    from . import all_prompts
+    from ..world import all_prompts
 
     pool = [p.text() for p in all_prompts()]
     if count == "all":
@@ -258,7 +258,7 @@ def switch_items(count: int, frames: int, chunk_frames: int, seed: int) -> list[
     takes a different random value; the switch is queued at `switch_frame`."""
     import numpy as np
 
-    from . import COLOURS, DIRECTIONS, SHAPES, Prompt
+    from ..world import COLOURS, DIRECTIONS, SHAPES, Prompt
 
     values = {"colour": COLOURS, "shape": SHAPES, "direction": DIRECTIONS}
     rng = np.random.default_rng([seed, 1])
@@ -332,7 +332,7 @@ def run_eval(source, combos: Sequence[Combo], prompts: Sequence[str], switches: 
     """Stream and score everything; returns {"runs", "failures", "long"} (runs: clip_metrics + identifying keys)."""
     from tqdm import tqdm
 
-    from .checker import clip_metrics, segment_metrics
+    from ..world.checker import clip_metrics, segment_metrics
 
     c = source.chunk_frames
     per_combo = (len(prompts) + len(switches)) * frames
@@ -391,8 +391,8 @@ def run_eval(source, combos: Sequence[Combo], prompts: Sequence[str], switches: 
 def build_groups(runs: Sequence[dict], combos: Sequence[Combo]) -> list[dict]:
     """One group per policy × sampler, in combo order: adherence and quality from the prompt streams,
     switch latency pooled over the switch streams (per attribute, and per switch kind)."""
-    from .checker import summarize_latency
-    from .report import aggregate
+    from ..world.checker import summarize_latency
+    from ..world.report import aggregate
 
     prompt_groups = {(g["policy"], g["sampler"]): g for g in aggregate([r for r in runs if r["kind"] == "prompt"])}
     groups = []
@@ -429,7 +429,7 @@ def _num(v: float | None, fmt: str = ".3f") -> str:
 
 
 def render_markdown(doc: dict) -> str:
-    from .report import DEFAULT_COLUMNS, _latency_cell, markdown
+    from ..world.report import DEFAULT_COLUMNS, _latency_cell, markdown
 
     s = doc["settings"]
     groups = doc["groups"]
@@ -483,7 +483,7 @@ def render_markdown(doc: dict) -> str:
 
 
 def write_outputs(doc: dict, out: Path) -> tuple[Path, Path, str]:
-    from .report import _json_safe
+    from ..world.report import _json_safe
 
     out.mkdir(parents=True, exist_ok=True)
     md = render_markdown(doc)
@@ -526,7 +526,7 @@ def evaluate_source(source, specs: Sequence[PolicySpec], schedules: Sequence[str
 def load_source(args: argparse.Namespace):
     if args.model == "world" and args.weights is None:
         return WorldSource()
-    from ..models.embedded import WEIGHTS_PATH, embedded_bundle
+    from ..bundles.embedded import WEIGHTS_PATH, embedded_bundle
 
     path = args.weights or WEIGHTS_PATH
     if not Path(path).is_file():
@@ -561,7 +561,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m streamgen.world.evaluate_cli …` = `streamgen eval …` (before it is wired into streamgen/cli.py)."""
+    """`python -m streamgen.evaluation.cli …` = `streamgen eval …` (before it is wired into streamgen/cli.py)."""
     parser = argparse.ArgumentParser(prog="streamgen")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["eval", *(argv if argv is not None else sys.argv[1:])])

@@ -26,12 +26,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..models.checkpoint import check_state_dict, load_lora, merge_lora
+from ..models.config import DiTConfig
+from ..models.decoders import (
+    FrameDecoder,
+    LatentPreviewDecoder,
+    TAEHVFrames,
+    WanVAEFrames,
+)
+from ..models.dit import WanDiT, keeps_fp32
+from ..models.random_text import RandomTextEncoder
+from ..models.rope import Rope3D
 from .bundle import ModelBundle, resolve_dtype
-from .checkpoint import check_state_dict, load_lora, merge_lora
-from .config import DiTConfig
-from .decoders import FrameDecoder, LatentPreviewDecoder, TAEHVFrames, WanVAEFrames
-from .dit import WanDiT, keeps_fp32
-from .random_text import RandomTextEncoder
 from .registry import (
     FamilySpec,
     ModelDirError,
@@ -44,7 +50,6 @@ from .registry import (
     taehv_config,
     vae_kwargs,
 )
-from .rope import Rope3D
 
 BUNDLE_DECODERS = ("vae", "taehv", "preview")
 
@@ -182,7 +187,13 @@ def load_dit(spec: FamilySpec, path: Path, lora_path: Path | None, device: torch
 # ------------------------------------------------------------------------------------------ text
 def _load_text_encoder(spec: FamilySpec, weights: Path, tokenizer_dir: Path, device: torch.device,
                        dtype: torch.dtype):
-    from .umt5 import UMT5Config, UMT5Encoder, UMT5PromptEncoder, UMT5Tokenizer, load_umt5_weights
+    from ..models.umt5 import (
+        UMT5Config,
+        UMT5Encoder,
+        UMT5PromptEncoder,
+        UMT5Tokenizer,
+        load_umt5_weights,
+    )
 
     text_len = spec.architecture.text_len
     tokenizer = UMT5Tokenizer.from_dir(tokenizer_dir, text_len=text_len)  # fails early if `tokenizers` is missing
@@ -206,12 +217,12 @@ def _random_decoder(spec: FamilySpec, kind: str, cfg: DiTConfig, device: torch.d
                     dtype: torch.dtype) -> Callable[[], FrameDecoder]:
     model: Any = None
     if kind == "vae":
-        from .wan_vae import WanVAE
+        from ..models.wan_vae import WanVAE
 
         with torch.device(device):
             model = WanVAE(**vae_kwargs(spec.files.vae.config))
     elif kind == "taehv":
-        from .taehv import TAEHV
+        from ..models.taehv import TAEHV
 
         with torch.device(device):
             model = TAEHV(taehv_config(spec.files.taehv.config if spec.files.taehv else {}))
@@ -231,11 +242,11 @@ def _load_decoder(spec: FamilySpec, kind: str, found: dict[str, Path | None], cf
                   device: torch.device, dtype: torch.dtype) -> Callable[[], FrameDecoder]:
     model: Any = None
     if kind == "vae":
-        from .wan_vae import load_wan_vae
+        from ..models.wan_vae import load_wan_vae
 
         model = load_wan_vae(found["vae"], spec.files.vae.config)
     elif kind == "taehv":
-        from .taehv import TAEHV
+        from ..models.taehv import TAEHV
 
         assert spec.files.taehv is not None
         model = TAEHV.from_checkpoint(found["taehv"], taehv_config(spec.files.taehv.config))

@@ -14,12 +14,12 @@ from torch import Tensor, nn
 
 from ..engine.prompts import PromptEncoder
 from ..engine.stream import StreamConfig
-from .config import DiTConfig
-from .decoders import FrameDecoder, LatentPreviewDecoder
-from .dit import WanDiT
-from .quant import quantize_dit
-from .random_text import RandomTextEncoder
-from .registry import COMPILE_MODES, DTYPE_CHOICES, QUANT_MODES
+from ..models.config import DiTConfig
+from ..models.decoders import FrameDecoder, LatentPreviewDecoder
+from ..models.dit import WanDiT
+from ..models.precision import COMPILE_MODES, DTYPE_CHOICES, QUANT_MODES
+from ..models.quant import quantize_dit
+from ..models.random_text import RandomTextEncoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -78,7 +78,7 @@ def tiny_random(seed: int = 0) -> ModelBundle:
 
 
 def embedded() -> ModelBundle:
-    """The in-repo model trained on the procedural world (streamgen/models/embedded.py)."""
+    """The in-repo model trained on the procedural world (streamgen/bundles/embedded.py)."""
     from .embedded import embedded_bundle  # lazy: embedded.py builds on this module
 
     return embedded_bundle()

@@ -4,7 +4,7 @@ and `streamgen models list | show NAME | check DIR [--family NAME]`.
 Config, not code, selects a family: a YAML carries the DiT architecture, the video geometry, the
 stream settings of spec §b.7 (cache policy and its settings, sampler, steps, warping, shift, chunk)
 and the files a model dir must hold (paths relative to the dir, the checkpoint envelope, the LoRA).
-Adding a family is adding a YAML; `streamgen.models.real.load_family` builds a `ModelBundle` from it.
+Adding a family is adding a YAML; `streamgen.bundles.real.load_family` builds a `ModelBundle` from it.
 
 Where the YAMLs live: ONE copy, package data in ``streamgen/configs/models/`` (so a wheel install has
 them), or ``$STREAMGEN_CONFIGS/models`` when that variable is set (private families).
@@ -48,9 +48,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .config import DiTConfig
+from ..models.config import DiTConfig
+from ..models.precision import DTYPE_CHOICES, QUANT_MODES
 
 if TYPE_CHECKING:
     import torch
@@ -62,9 +71,6 @@ CONFIG_ENV = "STREAMGEN_CONFIGS"
 DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                         "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 DECODERS = ("vae", "taehv")
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # streamgen.models.bundle.DTYPES, plus auto
-QUANT_MODES = ("none", "int8", "fp8")  # streamgen.models.quant
-COMPILE_MODES = ("none", "inductor", "cuda-graphs")  # streamgen.models.bundle.prepare_dit
 _MAX_LISTED = 20
 
 
@@ -227,7 +233,7 @@ class TextEncoderFile(FileSpec):
     @field_validator("config")
     @classmethod
     def _umt5(cls, config: dict[str, Any]) -> dict[str, Any]:
-        from .umt5 import UMT5Config
+        from ..models.umt5 import UMT5Config
 
         _known_fields(config, UMT5Config)
         _construct(UMT5Config, config)
@@ -257,7 +263,7 @@ class TAEHVFile(FileSpec):
     @field_validator("config")
     @classmethod
     def _taehv(cls, config: dict[str, Any]) -> dict[str, Any]:
-        from .taehv import TAEHVConfig
+        from ..models.taehv import TAEHVConfig
 
         _known_fields(config, TAEHVConfig)
         _construct(TAEHVConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
@@ -499,7 +505,7 @@ def read_lazy(path: str | Path) -> Any:
     """
     import torch
 
-    from .checkpoint import CheckpointError
+    from ..models.checkpoint import CheckpointError
 
     path = Path(path)
     try:
@@ -529,7 +535,7 @@ def pick_envelope(obj: Any, envelope: str | tuple[str, ...], where: str) -> tupl
     """
     import torch
 
-    from .checkpoint import CheckpointError
+    from ..models.checkpoint import CheckpointError
 
     if not isinstance(obj, dict):
         raise CheckpointError(f"{where}: holds a {type(obj).__name__}, expected a dict of tensors")
@@ -554,7 +560,7 @@ def pick_envelope(obj: Any, envelope: str | tuple[str, ...], where: str) -> tupl
 
 def normalize_state(state: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Apply `checkpoint.normalize_key` (strip model., FSDP/compile segments) refusing collisions."""
-    from .checkpoint import CheckpointError, normalize_key
+    from ..models.checkpoint import CheckpointError, normalize_key
 
     out: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -607,7 +613,7 @@ def _lora_targets(cfg: DiTConfig, modules: tuple[str, ...], strict: bool = True)
     """{block module path: (out, in)} of every LoRA target in every block."""
     import torch
 
-    from .dit import Block
+    from ..models.dit import Block
 
     with torch.device("meta"):
         block = Block(cfg, 0)
@@ -628,31 +634,31 @@ def _meta_shapes(module_fn) -> dict[str, tuple[int, ...]]:
 
 
 def expected_dit_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
-    from .dit import WanDiT
+    from ..models.dit import WanDiT
 
     return _meta_shapes(lambda: WanDiT(cfg))
 
 
 def expected_umt5_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    from .umt5 import UMT5Config, UMT5Encoder
+    from ..models.umt5 import UMT5Config, UMT5Encoder
 
     return _meta_shapes(lambda: UMT5Encoder(UMT5Config(**config)))
 
 
 def vae_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    from .wan_vae import WanVAE
+    from ..models.wan_vae import WanVAE
 
     return WanVAE.config_kwargs(config)
 
 
 def expected_vae_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    from .wan_vae import WanVAE
+    from ..models.wan_vae import WanVAE
 
     return _meta_shapes(lambda: WanVAE(**vae_kwargs(config)))
 
 
 def taehv_config(config: Mapping[str, Any]):
-    from .taehv import TAEHVConfig
+    from ..models.taehv import TAEHVConfig
 
     return TAEHVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
 
@@ -750,7 +756,7 @@ def check_model_dir(family: str | Path | FamilySpec, model_dir: str | Path, deco
     """
     import torch
 
-    from .checkpoint import CheckpointError
+    from ..models.checkpoint import CheckpointError
 
     spec = load_family_config(family)
     model_dir = Path(model_dir)
@@ -810,7 +816,7 @@ def check_model_dir(family: str | Path | FamilySpec, model_dir: str | Path, deco
                 check.problems += compare_shapes(state, expected_vae_shapes(spec.files.vae.config), where)
                 check.summary = f"{len(state)} tensors, {_dtypes(state)}"
             elif role == "taehv":
-                from .taehv import TAEHV
+                from ..models.taehv import TAEHV
 
                 cfg = taehv_config(spec.files.taehv.config)
                 with torch.device("meta"):
@@ -830,7 +836,7 @@ def _check_lora(obj: Any, spec: FamilySpec, where: str) -> list[str]:
     """Pairs, rank and coverage of a PEFT LoRA adapter against the DiT's Linear shapes."""
     import torch
 
-    from .checkpoint import normalize_key
+    from ..models.checkpoint import normalize_key
 
     lora = spec.files.lora
     assert lora is not None
@@ -1116,7 +1122,7 @@ def bench_decoder(args: argparse.Namespace):
 
 def bench_bundle(name: str, size: str = "832x480", random_weights: bool = True, layers: int | None = None,
                  dim: int | None = None, **kwargs: Any):
-    """A `ModelBundle` of the family's real architecture (see `streamgen.models.real.bench_bundle`)."""
+    """A `ModelBundle` of the family's real architecture (see `streamgen.bundles.real.bench_bundle`)."""
     from .real import bench_bundle as _bench_bundle
 
     return _bench_bundle(name, size=size, random_weights=random_weights, layers=layers, dim=dim, **kwargs)

@@ -25,7 +25,7 @@ from ray import serve
 def _settings() -> dict[str, Any]:
     """From the environment: STREAMGEN_HOST (default 0.0.0.0, which needs STREAMGEN_TOKEN or STREAMGEN_TOKEN_FILE:
     the server refuses an exposed bind without a token), STREAMGEN_PORT, STREAMGEN_MODEL, STREAMGEN_RAY_*."""
-    from ...serve.limits import read_token
+    from .limits import read_token
 
     env = os.environ.get
     return {
@@ -42,8 +42,8 @@ def _settings() -> dict[str, Any]:
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class StreamgenServer:
     def __init__(self) -> None:
-        from ...serve.config import ServeConfig
-        from ...serve.server import Server
+        from .config import ServeConfig
+        from .server import Server
 
         known = {f.name for f in dataclasses.fields(ServeConfig)}
         self.config = ServeConfig(**{k: v for k, v in _settings().items() if k in known})

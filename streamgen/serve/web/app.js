@@ -1,0 +1,481 @@
+// streamgen web client: one live stream over WebRTC, controlled through the `control` data channel.
+//
+// Signaling (same origin): GET /ice-servers, POST /offer {sdp, type, prompt?, session_id?} → {sdp, type,
+// session_id}, DELETE /sessions/{id}. Control messages (JSON, each with an `id` echoed in its reply):
+// prompt / params / pause / resume / reset; the server answers ack {of, frame, id} or error {message},
+// and sends stats {fps, latency_ms, frame, queue_depth, paused} about once a second, and stall {frame,
+// reason, recovery_s, replaced} when the server recovered from a fault (e.g. a Ray stage replaced).
+//
+// A dropped connection is re-established with the stored session_id, which resumes the same stream
+// while the server's grace period lasts; after that a new session starts with the last prompt.
+// No build step: plain ES module, no dependencies.
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  status: $("status"), video: $("stream"), placeholder: $("placeholder"), stats: $("stats"),
+  paused: $("paused-badge"), stall: $("stall"), form: $("prompt-form"), prompt: $("prompt"), send: $("send"),
+  chunks: $("blend-chunks"), interp: $("blend-interp"), connect: $("connect"), disconnect: $("disconnect"),
+  pause: $("pause"), resume: $("resume"), reset: $("reset"), token: $("token"), codec: $("codec"),
+  log: $("log"), clearLog: $("clear-log"),
+};
+const stat = Object.fromEntries([...ui.stats.querySelectorAll("[data-stat]")].map((el) => [el.dataset.stat, el]));
+
+const KEY_SESSION = "streamgen.session";
+const KEY_TOKEN = "streamgen.token";
+const LOG_LIMIT = 300;
+const RECONNECT_DELAYS_MS = [300, 700, 1500, 2500, 4000]; // then every 4 s, until RECONNECT_GIVE_UP_MS
+const RECONNECT_GIVE_UP_MS = 60_000;
+const DISCONNECTED_GRACE_MS = 2500; // ICE "disconnected" this long counts as a drop
+const STALL_SHOWN_MS = 10_000; // how long the stall badge stays over the video
+
+const state = {
+  phase: "idle", // idle → connecting → live ⇄ reconnecting → idle
+  pc: null,
+  channel: null,
+  sessionId: sessionStorage.getItem(KEY_SESSION),
+  userClosed: true,
+  nextId: 1,
+  pending: new Map(), // id → {type, text, sent}
+  acks: [], // every ack received, for tests and curious users
+  errors: [],
+  stalls: [], // every stall message received
+  stallTimer: null,
+  stats: null, // the server's latest stats message
+  decoded: { frames: 0, at: 0, fps: 0, width: 0, height: 0, codec: "" },
+  presented: 0, // frames shown by the <video> (requestVideoFrameCallback)
+  reconnect: { attempt: 0, since: 0, timer: null },
+  disconnectedTimer: null,
+  statsTimer: null,
+  noResume: false, // the server ended the session on purpose: do not try to resume it
+};
+
+// --- logging & status ---------------------------------------------------------------------------
+function log(kind, text) {
+  const item = document.createElement("li");
+  item.className = kind;
+  const time = document.createElement("time");
+  time.textContent = new Date().toTimeString().slice(0, 8);
+  const body = document.createElement("span");
+  body.textContent = text; // never innerHTML: prompts and server messages are untrusted text
+  item.append(time, body);
+  ui.log.append(item);
+  while (ui.log.childElementCount > LOG_LIMIT) ui.log.firstElementChild.remove();
+  ui.log.scrollTop = ui.log.scrollHeight;
+}
+
+const PHASE_TEXT = { idle: "Not connected", connecting: "Connecting…", live: "Live", reconnecting: "Reconnecting…" };
+
+function setPhase(phase) {
+  state.phase = phase;
+  ui.status.dataset.state = phase;
+  const sid = state.sessionId ? ` · session ${state.sessionId.slice(0, 8)}` : "";
+  ui.status.textContent = PHASE_TEXT[phase] + (phase === "idle" ? "" : sid);
+  const open = state.channel?.readyState === "open";
+  ui.connect.disabled = phase !== "idle";
+  ui.disconnect.disabled = phase === "idle";
+  for (const b of [ui.pause, ui.resume, ui.reset]) b.disabled = !open;
+  if (open && state.stats) syncPauseButtons(state.stats.paused);
+  ui.stats.hidden = phase === "idle";
+  if (phase === "idle") ui.paused.hidden = ui.stall.hidden = true;
+}
+
+function syncPauseButtons(paused) {
+  const open = state.channel?.readyState === "open";
+  ui.pause.disabled = !open || paused;
+  ui.resume.disabled = !open || !paused;
+  ui.paused.hidden = !paused;
+}
+
+// --- HTTP ---------------------------------------------------------------------------------------
+class HttpError extends Error {
+  constructor(status, message, retryAfter) {
+    super(message);
+    this.status = status;
+    this.retryAfter = retryAfter;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  const token = ui.token.value.trim();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (err) {
+    throw new HttpError(0, `cannot reach the server (${err.message})`);
+  }
+  let data = null;
+  try {
+    data = await response.json();
+  } catch {
+    data = null;
+  }
+  if (!response.ok) {
+    const message = data?.error ?? `${response.status} ${response.statusText}`;
+    throw new HttpError(response.status, message, Number(response.headers.get("Retry-After")) || 0);
+  }
+  return data;
+}
+
+// --- connection ---------------------------------------------------------------------------------
+function waitForIceGathering(pc, timeoutMs) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      pc.removeEventListener("icegatheringstatechange", check);
+      clearTimeout(timer);
+      resolve();
+    };
+    const check = () => pc.iceGatheringState === "complete" && done();
+    const timer = setTimeout(done, timeoutMs); // offer what we have: host candidates come first
+    pc.addEventListener("icegatheringstatechange", check);
+  });
+}
+
+function preferCodec(transceiver, codec) {
+  if (!codec || !transceiver.setCodecPreferences || !RTCRtpReceiver.getCapabilities) return;
+  const mime = { vp8: "video/VP8", h264: "video/H264" }[codec];
+  const codecs = RTCRtpReceiver.getCapabilities("video").codecs;
+  const wanted = codecs.filter((c) => c.mimeType === mime);
+  if (wanted.length) transceiver.setCodecPreferences([...wanted, ...codecs.filter((c) => c.mimeType === "video/rtx")]);
+}
+
+/**
+ * Start a stream, or resume `state.sessionId`. `fallbackToNew`: when that session is gone, start a
+ * new one (after a drop) instead of stopping (a stored id found at page load).
+ */
+async function connect({ fallbackToNew = true } = {}) {
+  if (state.pc) return;
+  state.userClosed = false;
+  state.noResume = false;
+  const resuming = Boolean(state.sessionId);
+  if (state.phase !== "reconnecting") setPhase("connecting");
+
+  let iceServers = [];
+  try {
+    iceServers = (await api("GET", "/ice-servers")).iceServers ?? [];
+  } catch (err) {
+    if (err.status === 401 || (err.status === 0 && !resuming)) return fail(err);
+    if (err.status === 0) return dropped(err.message);
+    log("warn", `no ICE server list (${err.message}); trying without`);
+  }
+  if (state.userClosed) return;
+
+  const pc = new RTCPeerConnection({ iceServers });
+  state.pc = pc;
+  const transceiver = pc.addTransceiver("video", { direction: "recvonly" });
+  preferCodec(transceiver, ui.codec.value);
+  const channel = pc.createDataChannel("control", { ordered: true });
+  state.channel = channel;
+  wire(pc, channel);
+
+  await pc.setLocalDescription(await pc.createOffer());
+  await waitForIceGathering(pc, 2000);
+  if (state.pc !== pc) return; // disconnected meanwhile
+
+  const body = { sdp: pc.localDescription.sdp, type: "offer" };
+  const prompt = ui.prompt.value.trim();
+  if (resuming) body.session_id = state.sessionId;
+  else if (prompt) body.prompt = prompt;
+
+  let answer;
+  try {
+    answer = await api("POST", "/offer", body);
+  } catch (err) {
+    if (state.pc !== pc) return;
+    teardown();
+    if (resuming && err.status === 404) {
+      log("warn", `session ${state.sessionId.slice(0, 8)} has ended (${err.message})`);
+      forgetSession();
+      if (fallbackToNew && !state.userClosed) {
+        log("info", "starting a new session" + (prompt ? ` with “${prompt}”` : ""));
+        setPhase("connecting");
+        return connect();
+      }
+      return stop();
+    }
+    if (resuming && (err.status === 0 || err.status >= 500)) return dropped(err.message, err.retryAfter);
+    return fail(err);
+  }
+  if (state.pc !== pc) return;
+  rememberSession(answer.session_id);
+  if (resuming) log("info", `resumed session ${answer.session_id.slice(0, 8)}`);
+  else log("info", `session ${answer.session_id.slice(0, 8)} started` + (body.prompt ? ` with “${body.prompt}”` : ""));
+  await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+  setPhase(state.phase); // refresh the session id in the status line
+}
+
+function wire(pc, channel) {
+  pc.addEventListener("track", (event) => {
+    ui.video.srcObject = event.streams[0] ?? new MediaStream([event.track]);
+    ui.video.play().catch(() => {}); // muted + autoplay: allowed; the catch covers an interrupted play()
+  });
+  pc.addEventListener("connectionstatechange", () => {
+    if (state.pc !== pc) return;
+    const s = pc.connectionState;
+    clearTimeout(state.disconnectedTimer);
+    if (s === "connected") {
+      state.reconnect.attempt = 0;
+      state.reconnect.since = 0;
+    } else if (s === "disconnected") {
+      state.disconnectedTimer = setTimeout(() => state.pc === pc && dropped("connection interrupted"), DISCONNECTED_GRACE_MS);
+    } else if (s === "failed" || s === "closed") {
+      dropped(`connection ${s}`);
+    }
+  });
+  channel.addEventListener("open", () => {
+    if (state.pc !== pc) return;
+    setPhase("live");
+    startStatsPolling(pc);
+  });
+  channel.addEventListener("close", () => state.pc === pc && dropped("control channel closed"));
+  channel.addEventListener("message", (event) => handleMessage(event.data));
+}
+
+function teardown() {
+  const { pc, channel } = state;
+  state.pc = state.channel = null;
+  clearTimeout(state.disconnectedTimer);
+  clearInterval(state.statsTimer);
+  for (const entry of state.pending.values()) log("warn", `no reply to ${entry.type} (connection closed)`);
+  state.pending.clear();
+  try { channel?.close(); } catch { /* already closed */ }
+  try { pc?.close(); } catch { /* already closed */ }
+}
+
+/** The connection went away without the user asking: reconnect to the same session. */
+function dropped(reason, retryAfterS = 0) {
+  if (state.userClosed) return;
+  const wasLive = state.phase === "live";
+  teardown();
+  if (state.noResume) {
+    log("error", `stream ended: ${reason}`);
+    forgetSession();
+    return stop();
+  }
+  const r = state.reconnect;
+  if (!r.since) r.since = performance.now();
+  if (performance.now() - r.since > RECONNECT_GIVE_UP_MS) {
+    log("error", `gave up reconnecting after ${Math.round(RECONNECT_GIVE_UP_MS / 1000)} s (${reason})`);
+    return stop();
+  }
+  const delay = Math.max(retryAfterS * 1000, RECONNECT_DELAYS_MS[Math.min(r.attempt, RECONNECT_DELAYS_MS.length - 1)]);
+  r.attempt += 1;
+  const what = state.sessionId ? `session ${state.sessionId.slice(0, 8)}` : "the server";
+  log(wasLive ? "warn" : "info", `${reason}; reconnecting to ${what} in ${(delay / 1000).toFixed(1)} s`);
+  setPhase("reconnecting");
+  clearTimeout(r.timer);
+  r.timer = setTimeout(() => {
+    if (!state.userClosed) connect().catch((err) => dropped(err.message));
+  }, delay);
+}
+
+function fail(err) {
+  log("error", err.status ? `server refused (${err.status}): ${err.message}` : err.message);
+  teardown();
+  stop();
+}
+
+function stop() {
+  state.userClosed = true;
+  clearTimeout(state.reconnect.timer);
+  state.reconnect = { attempt: 0, since: 0, timer: null };
+  ui.video.srcObject = null;
+  ui.placeholder.hidden = false;
+  setPhase("idle");
+}
+
+async function disconnect() {
+  const sid = state.sessionId;
+  state.userClosed = true;
+  teardown();
+  forgetSession();
+  stop();
+  if (sid) {
+    try {
+      await api("DELETE", `/sessions/${encodeURIComponent(sid)}`);
+      log("info", `session ${sid.slice(0, 8)} closed`);
+    } catch (err) {
+      if (err.status !== 404) log("warn", `could not close session ${sid.slice(0, 8)}: ${err.message}`);
+    }
+  }
+}
+
+function rememberSession(id) {
+  state.sessionId = id;
+  sessionStorage.setItem(KEY_SESSION, id);
+}
+
+function forgetSession() {
+  state.sessionId = null;
+  sessionStorage.removeItem(KEY_SESSION);
+}
+
+// --- control channel ----------------------------------------------------------------------------
+function send(message, text = "") {
+  if (state.channel?.readyState !== "open") {
+    log("warn", `not connected: ${message.type} not sent`);
+    return null;
+  }
+  const id = state.nextId++;
+  state.pending.set(id, { type: message.type, text, sent: performance.now() });
+  state.channel.send(JSON.stringify({ ...message, id }));
+  return id;
+}
+
+function handleMessage(raw) {
+  let message;
+  try {
+    message = JSON.parse(raw);
+  } catch {
+    return log("warn", "unreadable message from the server");
+  }
+  if (message.type === "stats") return showStats(message);
+  if (message.type === "stall") return showStall(message);
+  const entry = state.pending.get(message.id);
+  state.pending.delete(message.id);
+  const ms = entry ? ` (${Math.round(performance.now() - entry.sent)} ms)` : "";
+  const what = entry?.text ? `${message.of ?? entry.type} “${entry.text}”` : message.of ?? entry?.type ?? "message";
+  if (message.type === "ack") {
+    state.acks.push({ ...message, ms: entry ? performance.now() - entry.sent : null, text: entry?.text ?? null });
+    const at = message.of === "pause" ? "held at frame" : "applied at frame";
+    log("ack", `✓ ${what} ${at} ${message.frame}${ms}`);
+    if (message.of === "pause") syncPauseButtons(true);
+    if (message.of === "resume") syncPauseButtons(false);
+  } else if (message.type === "error") {
+    state.errors.push(message);
+    log("error", `✗ ${entry || message.of ? what + ": " : ""}${message.message}`);
+    if (!entry && /^generation failed/.test(message.message)) state.noResume = true;
+  }
+}
+
+function transition() {
+  const kind = document.querySelector('input[name="transition"]:checked').value;
+  if (kind !== "blend") return { kind: "recache" };
+  const chunks = Math.min(32, Math.max(1, Math.round(Number(ui.chunks.value) || 1)));
+  ui.chunks.value = chunks;
+  return { kind: "blend", chunks, interpolation: ui.interp.value };
+}
+
+function sendPrompt() {
+  const text = ui.prompt.value.trim();
+  if (!text) {
+    log("warn", "the prompt is empty");
+    return;
+  }
+  if (state.phase === "idle") return void connect().catch(fail); // Enter while idle starts a stream with it
+  send({ type: "prompt", prompt: text, transition: transition() }, text);
+}
+
+/** The server froze the stream for a while to recover from a fault: say so over the video, briefly. */
+function showStall(message) {
+  state.stalls.push(message);
+  const what = message.replaced?.length ? `${message.replaced.join(", ")} replaced` : message.reason;
+  ui.stall.textContent = `stalled ${message.recovery_s.toFixed(1)} s: ${what}`;
+  ui.stall.hidden = false;
+  clearTimeout(state.stallTimer);
+  state.stallTimer = setTimeout(() => { ui.stall.hidden = true; }, STALL_SHOWN_MS);
+  log("warn", `stream stalled ${message.recovery_s.toFixed(1)} s before frame ${message.frame}: ${message.reason}`);
+}
+
+// --- stats --------------------------------------------------------------------------------------
+function showStats(message) {
+  state.stats = message;
+  stat.frame.textContent = String(message.frame);
+  stat.fps.textContent = message.fps.toFixed(1);
+  stat.latency.textContent = `${Math.round(message.latency_ms)} ms`;
+  stat.queue.textContent = String(message.queue_depth);
+  syncPauseButtons(Boolean(message.paused));
+}
+
+function startStatsPolling(pc) {
+  clearInterval(state.statsTimer);
+  state.decoded = { frames: 0, at: performance.now(), fps: 0, width: 0, height: 0, codec: "" };
+  state.statsTimer = setInterval(async () => {
+    if (state.pc !== pc) return;
+    let report;
+    try {
+      report = await pc.getStats();
+    } catch {
+      return;
+    }
+    for (const s of report.values()) {
+      if (s.type !== "inbound-rtp" || s.kind !== "video") continue;
+      const now = performance.now();
+      const d = state.decoded;
+      const frames = s.framesDecoded ?? 0;
+      d.fps = frames >= d.frames ? (1000 * (frames - d.frames)) / Math.max(1, now - d.at) : 0;
+      Object.assign(d, { frames, at: now, width: s.frameWidth ?? 0, height: s.frameHeight ?? 0 });
+      d.codec = report.get(s.codecId)?.mimeType?.replace("video/", "") ?? "";
+      stat.decoded.textContent = `${d.fps.toFixed(1)} fps`;
+      stat.video.textContent = d.width ? `${d.width}×${d.height} ${d.codec}` : "–";
+    }
+  }, 1000);
+}
+
+function countPresentedFrames() {
+  if (!("requestVideoFrameCallback" in HTMLVideoElement.prototype)) return;
+  const onFrame = () => {
+    state.presented += 1;
+    ui.placeholder.hidden = true;
+    ui.video.requestVideoFrameCallback(onFrame);
+  };
+  ui.video.requestVideoFrameCallback(onFrame);
+}
+
+// --- wiring -------------------------------------------------------------------------------------
+ui.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  sendPrompt();
+});
+ui.connect.addEventListener("click", () => connect().catch(fail));
+ui.disconnect.addEventListener("click", () => disconnect());
+ui.pause.addEventListener("click", () => send({ type: "pause" }));
+ui.resume.addEventListener("click", () => send({ type: "resume" }));
+ui.reset.addEventListener("click", () => send({ type: "reset" }));
+ui.clearLog.addEventListener("click", () => ui.log.replaceChildren());
+for (const radio of document.querySelectorAll('input[name="transition"]')) {
+  radio.addEventListener("change", () => {
+    const blend = document.querySelector('input[name="transition"]:checked').value === "blend";
+    ui.chunks.disabled = ui.interp.disabled = !blend;
+  });
+}
+ui.token.value = sessionStorage.getItem(KEY_TOKEN) ?? "";
+ui.token.addEventListener("change", () => {
+  const token = ui.token.value.trim();
+  if (token) sessionStorage.setItem(KEY_TOKEN, token); // tab-scoped: gone when the tab closes
+  else sessionStorage.removeItem(KEY_TOKEN);
+});
+ui.video.addEventListener("playing", () => { ui.placeholder.hidden = true; });
+countPresentedFrames();
+setPhase("idle");
+
+// A reload within the server's grace period picks the same stream back up.
+if (state.sessionId) {
+  log("info", `resuming session ${state.sessionId.slice(0, 8)} from before the reload`);
+  connect({ fallbackToNew: false }).catch(fail);
+}
+
+// For tests and the console: read-only views plus the actions the buttons take.
+window.streamgen = {
+  get phase() { return state.phase; },
+  get sessionId() { return state.sessionId; },
+  get stats() { return state.stats; },
+  get decoded() { return { ...state.decoded }; },
+  get presented() { return state.presented; },
+  get acks() { return state.acks.slice(); },
+  get errors() { return state.errors.slice(); },
+  get stalls() { return state.stalls.slice(); },
+  connect: () => connect(),
+  disconnect,
+  send,
+  /** Close the peer connection without telling the server, as a network drop would. */
+  simulateDrop() {
+    const pc = state.pc;
+    if (!pc) return;
+    pc.close();
+    if (state.pc === pc) dropped("connection dropped (simulated)");
+  },
+};
