@@ -37,7 +37,8 @@ def cmd_verify_fixture(args: argparse.Namespace) -> int:
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from .bench import engine
     from .bench.results import save_result
-    from .bundles.registry import bench_setup_from_args, precision_settings
+    from .bench.setup import bench_setup_from_args
+    from .bundles.options import precision_settings
     from .engine.stream import StreamConfig
     from .models.config import DiTConfig
 
@@ -55,7 +56,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
         stream = StreamConfig(*args.latent, policy=policy, policy_settings=dict(args.policy_setting), sampler=sampler,
                               schedule=args.schedule or "exact", steps=tuple(steps), batch_slots=not args.unbatched,
                               seed=args.seed)
-    from .bundles.registry import bench_decoder
+    from .bench.setup import bench_decoder
 
     result = engine.run(engine.EngineBench(model, stream, args.chunks, args.threads, args.seed, bench_decoder(args),
                                            device=args.device, **precision), progress=not args.quiet)
@@ -70,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from .backends.ray.cluster import ray_settings
-    from .bundles.registry import precision_settings
+    from .bundles.options import precision_settings
     from .serve.config import ServeConfig
     from .serve.limits import check_exposure, read_token
     from .serve.server import serve_forever
@@ -110,11 +111,9 @@ def cmd_client(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .backends.names import SCHEDULERS
     from .backends.ray.cluster import add_ray_arguments
-    from .bundles.registry import (  # light: imports no torch
-        add_bench_model_options,
-        add_models_parser,
-        add_precision_arguments,
-    )
+    from .bench.setup import add_bench_model_options
+    from .bundles.models_cli import add_models_parser
+    from .bundles.options import add_precision_arguments
 
     parser = argparse.ArgumentParser(prog="streamgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,4 +1,7 @@
-"""The Python client against a real server: frame rate, prompt acks and their effect, resume, MP4, CLI."""
+"""The Python client against a real server: frames in order, prompt acks and their effect, resume, MP4, CLI.
+
+No wall-clock assertions: tests wait for counts of fresh frames (with hang guards) and check order and
+counts; speed goals live in `streamgen bench` and benchmarks/ (the timings here are printed only)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,45 +11,52 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-
-from .test_serve import ROOT, Reference, frames_for, run, serving
-
 from streamgen_client import StreamClient  # noqa: E402  (path set up by test_serve)
 from streamgen_client.cli import parse_schedule  # noqa: E402
 
+from .test_serve import ROOT, Reference, assert_in_order, fresh_frames, fresh_steps, run, serving, until
 
-def test_frames_arrive_at_the_model_rate_and_a_prompt_changes_them(tmp_path: Path) -> None:
+
+def test_frames_arrive_in_order_and_a_prompt_changes_them(tmp_path: Path) -> None:
     out = tmp_path / "out.mp4"
 
     async def main():
         async with serving() as server:
             fps = server.backend.bundle.fps
             async with StreamClient(server.url, prompt="a red fox", record=str(out)) as client:
-                frames = [await client.next_frame()] + await frames_for(client, 2.0)
+                frames = await fresh_frames(client, 32)  # the first frame and 32 new ones after it
                 shown = (await client.session())["frame"]  # the newest frame sent so far
                 ack = await client.send_prompt("a green field")
-                after = await frames_for(client, 1.5)
-                received, first_frame_s, stats = client.frames_received, client.first_frame_s, client.stats
-        return fps, frames, shown, ack, after, received, first_frame_s, stats
+                after = await fresh_frames(client, 24)
+                newest = (await client.session())["frame"]  # no frame received so far is later than this
+                # the server's stats messages follow the stream: one reports the acked frame or a later one
+                assert await until(lambda: client.stats is not None and client.stats["frame"] >= ack["frame"], 30), \
+                    f"hung: no stats message at or past frame {ack['frame']} (latest {client.stats})"
+                received, first_frame_s, stats = client.frames_received, client.first_frame_s, dict(client.stats)
+        return fps, frames, shown, ack, after, newest, received, first_frame_s, stats
 
-    fps, frames, shown, ack, after, received, first_frame_s, stats = run(main())
-    assert stats["frame"] > 0 and abs(stats["fps"] - fps) < 0.35 * fps and stats["queue_depth"] >= 0
+    fps, frames, shown, ack, after, newest, received, first_frame_s, stats = run(main())
     intervals = np.diff([f.time for f in frames])
     print(f"\nfirst frame {1000 * first_frame_s:.0f} ms; inter-frame p50 {1000 * np.percentile(intervals, 50):.1f} ms, "
-          f"p95 {1000 * np.percentile(intervals, 95):.1f} ms, mean {1000 * intervals.mean():.1f} ms (1/fps = {1000 / fps:.1f})")
-    assert abs(intervals.mean() - 1 / fps) < 0.35 / fps
-    assert first_frame_s < 3.0
+          f"p95 {1000 * np.percentile(intervals, 95):.1f} ms, mean {1000 * intervals.mean():.1f} ms (1/fps = {1000 / fps:.1f}); "
+          f"stats {stats}")  # informational: speed goals live in `streamgen bench`
+    assert first_frame_s is not None and first_frame_s > 0 and frames[0].seq == 0  # measured, on the first frame
+    assert stats["fps"] > 0 and stats["queue_depth"] >= 0 and ack["frame"] <= stats["frame"]
+    assert received >= len(frames) + len(after)  # every frame looked at was counted
 
-    n = max(shown, ack["frame"]) + 40
+    n = max(shown, ack["frame"], newest) + 1
     before_change = Reference("a red fox", n)
     with_change = Reference("a red fox", n, switch=(ack["frame"], "a green field"))
     seen = [before_change.identify(f) for f in frames]
     assert None not in seen and seen == sorted(seen)  # the model's frames, in order
+    assert_in_order(frames, seen)  # and each fresh frame a later one, each held one the same again
+    assert len(set(seen)) == 1 + sum(fresh_steps(frames)) >= 33  # 33 distinct model frames
     assert ack["of"] == "prompt" and ack["frame"] >= shown >= max(seen)  # lands after everything already received
     assert np.array_equal(with_change.frames[: ack["frame"]], before_change.frames[: ack["frame"]])
     changed = [(f, with_change.identify(f)) for f in after]
-    changed = [(f, i) for f, i in changed if i is not None and i >= ack["frame"]]
-    assert len(changed) >= 8, "too few frames after the prompt change"
+    assert_in_order(after, [i for _, i in changed])
+    changed = [(f, i) for f, i in changed if i >= ack["frame"]]
+    assert len(changed) >= 8, "too few of 24 fresh frames after the prompt change show it"
     moved = [before_change.toward(f.image, i, with_change) for f, i in changed]
     print(f"prompt change: frames moved {np.mean(moved):.2f} (min {np.min(moved):.2f}) of the way to the new prompt's frames")
     assert abs(np.mean(moved) - 1) < 0.25 and min(moved) > 0.5  # they show the new prompt, not the old one
@@ -61,17 +71,18 @@ def test_reconnect_within_grace_resumes_the_same_stream() -> None:
         async with serving() as server:
             client = StreamClient(server.url, prompt="a red fox")
             await client.connect()
-            first = await frames_for(client, 1.0)
+            first = await fresh_frames(client, 16)
             sid = client.session_id
             await client.drop()  # the connection goes away; the session waits for us
-            await asyncio.sleep(0.5)
+            assert await until(lambda: (s := server.manager.get(sid)) is not None and s.state != "streaming", 30), \
+                "hung: the server did not notice the dropped connection"
             state = server.manager.get(sid).state
             await client.connect()  # same object, same session_id
-            second = await frames_for(client, 1.0)
+            second = await fresh_frames(client, 16)
             await client.drop()
             # A new client (a reloaded page) resuming with its session_id and a prompt of its own.
             async with StreamClient(server.url, session_id=sid, prompt="a green field") as again:
-                third = await frames_for(again, 1.5)
+                third = await fresh_frames(again, 24)
                 notices = again.notices
             resumed = server.metrics.value("streamgen_sessions_resumed_total")
             await client.close(delete=False)
@@ -84,6 +95,8 @@ def test_reconnect_within_grace_resumes_the_same_stream() -> None:
     ref = Reference("a red fox", 150, switch=(ack["frame"], "a green field"))
     seen = [[ref.identify(f) for f in frames] for frames in (first, second, third)]
     assert all(None not in s and s == sorted(s) for s in seen)
+    for frames, s in zip((first, second, third), seen):
+        assert_in_order(frames, s)  # each connection's frames in order, fresh ones advancing
     assert max(seen[0]) > 0 and min(seen[1]) >= max(seen[0]) and min(seen[2]) >= max(seen[1])  # continues, not from 0
     unchanged = Reference("a red fox", 150)
     moved = [unchanged.toward(f.image, i, ref) for f, i in zip(third, seen[2], strict=True) if i >= ack["frame"]]

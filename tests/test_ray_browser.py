@@ -19,8 +19,17 @@ ray = pytest.importorskip("ray")
 
 from streamgen.serve.config import ServeConfig  # noqa: E402
 
-from .test_browser import NEW_PROMPT, PROMPT, Env, capture, connected_page, identify, until, video_progress  # noqa: E402
-from .test_browser import pytestmark  # noqa: E402, F401  (skipped without Chromium, as test_browser is)
+from .test_browser import (  # noqa: E402
+    NEW_PROMPT,
+    PROMPT,
+    Env,
+    capture,
+    connected_page,
+    identify,
+    pytestmark,  # noqa: E402, F401  (skipped without Chromium, as test_browser is)
+    until,
+    video_progress,
+)
 from .test_ray_e2e import RAY, SlotReference, ray_address  # noqa: E402, F401  (ray_address: the fixture)
 
 SIZE = 32  # tiny-random frames are 32×32, shown at 256×256

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
+from typing import TypeVar
 
 import pytest
 import torch
@@ -12,8 +16,13 @@ import torch
 ray = pytest.importorskip("ray")
 
 from streamgen.backends.base import CapacityError  # noqa: E402
-from streamgen.backends.ray.pipeline import (Pipeline, PipelineConfig, PipelineFrameStream, StreamFailedError,  # noqa: E402
-                                             split_steps)
+from streamgen.backends.ray.pipeline import (  # noqa: E402
+    Pipeline,
+    PipelineConfig,
+    PipelineFrameStream,
+    StreamFailedError,
+    split_steps,
+)
 from streamgen.engine.stream import Stream  # noqa: E402
 
 CHUNKS = 8
@@ -31,6 +40,21 @@ def pipe(ray_cluster, tiny_bundle):
                                 recover_timeout_s=60, start_timeout_s=120), tiny_bundle.dit.cfg)
     yield p
     p.shutdown()
+
+
+T = TypeVar("T")
+
+
+def returns(call: Callable[[], T], hang_s: float) -> T:
+    """call()'s result or exception. A hang guard, not a speed check: it only stops a call that never
+    returns (the failure these tests are about) from blocking the suite."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(call).result(timeout=hang_s)
+    except FutureTimeout:
+        raise AssertionError(f"hung: no return within {hang_s:g} s") from None
+    finally:
+        pool.shutdown(wait=False)  # a hung call's thread is left behind, not waited for
 
 
 def local_chunks(tiny_bundle, overrides, prompt="a red fox running", switch=SWITCH, chunks=CHUNKS):
@@ -127,11 +151,8 @@ def test_killed_stage_is_replaced_and_streams_resume(pipe, tiny_bundle) -> None:
             b.next()
         old = pipe.stages[1]
         ray.kill(old)
-        t0 = time.perf_counter()
-        ca = a.next()
-        took = time.perf_counter() - t0
+        ca = returns(a.next, hang_s=120)
         cb = b.next()
-        assert took < 30
         assert ca.index == 5 and cb.index == 5  # no chunk lost, none repeated
         assert ca.stall is not None and "stage1" in ca.stall["replaced"] and cb.stall is not None
         assert a.stalls == 1 and b.stalls == 1
@@ -155,11 +176,8 @@ def test_hung_stage_times_out_and_is_replaced(pipe, tiny_bundle) -> None:
             fs.next()
         stuck = pipe.stages[0]
         stuck.__ray_call__.remote(lambda self: time.sleep(120))
-        t0 = time.perf_counter()
-        chunk = fs.next()
-        took = time.perf_counter() - t0
+        chunk = returns(fs.next, hang_s=pipe.cfg.tick_timeout_s + pipe.cfg.ping_timeout_s + 120)
         assert chunk.index == 3 and chunk.stall is not None and "stage0" in chunk.stall["replaced"]
-        assert took < pipe.cfg.tick_timeout_s + pipe.cfg.ping_timeout_s + 30
         assert fs.next().index == 4
     finally:
         fs.close()
@@ -175,10 +193,8 @@ def test_unrecoverable_failure_raises_clearly(ray_cluster, tiny_bundle) -> None:
         fs.next()
         p._make_actor = lambda i: (_ for _ in ()).throw(RuntimeError("no room to re-create the actor"))
         ray.kill(p.stages[0])
-        t0 = time.perf_counter()
         with pytest.raises(StreamFailedError, match="recovery"):
-            fs.next()
-        assert time.perf_counter() - t0 < 20
+            returns(fs.next, hang_s=120)
         with pytest.raises(StreamFailedError):
             fs.next()
     finally:

@@ -16,15 +16,23 @@ from streamgen.backends.ray.placement import PlacementConfig, capture, restore  
 from streamgen.engine.frame_stream import FrameStream  # noqa: E402
 
 
-
-
+def placement_backend(tiny_bundle) -> RayBackend:
+    return RayBackend(tiny_bundle, "placement", address=None,
+                      placement=PlacementConfig(model="tiny-random", workers=2, worker_resources={"num_cpus": 0.5},
+                                                threads=1, call_timeout_s=10, recover_timeout_s=60))
 
 
 @pytest.fixture(scope="module")
 def backend(ray_cluster, tiny_bundle):
-    be = RayBackend(tiny_bundle, "placement", address=None,
-                    placement=PlacementConfig(model="tiny-random", workers=2, worker_resources={"num_cpus": 0.5}, threads=1,
-                                              call_timeout_s=10, recover_timeout_s=60))
+    be = placement_backend(tiny_bundle)
+    yield be
+    be.shutdown()
+
+
+@pytest.fixture
+def own_backend(ray_cluster, tiny_bundle):
+    """A backend of the test's own, for tests that leave a worker drained."""
+    be = placement_backend(tiny_bundle)
     yield be
     be.shutdown()
 
@@ -70,19 +78,19 @@ def test_bad_prompt_and_capacity_are_refused(backend) -> None:
         backend.close(s)
 
 
-def test_drain_moves_streams_which_continue_like_a_local_resume(backend, tiny_bundle) -> None:
+def test_drain_moves_streams_which_continue_like_a_local_resume(own_backend, tiny_bundle) -> None:
     """After drain the stream continues at the next chunk; what it produces is exactly a local stream
     resumed (re-cache from the same recent latents) at that point: the move is deterministic."""
-    s = backend.open("a red fox running", {"seed": 5})
+    s = own_backend.open("a red fox running", {"seed": 5})
     try:
         ref = FrameStream(tiny_bundle, "a red fox running", {"seed": 5})
         for _ in range(5):
             assert torch.equal(s.next().latents, ref.next().latents)
         source = s.worker.index
         s.set_prompt("a blue whale swimming")  # queued after the last snapshot: replayed where it lands
-        moved = backend.drain(source)
+        moved = own_backend.drain(source)
         assert s.sid in moved and s.worker.index != source
-        assert backend.stats()["workers"][source]["streams"] == 0
+        assert own_backend.stats()["workers"][source]["streams"] == 0
         chunk = s.next()
         assert chunk.index == 5 and chunk.stall is not None and "drain" in chunk.stall["reason"]
         assert [a.of for a in chunk.acks] == ["prompt"]
@@ -94,8 +102,7 @@ def test_drain_moves_streams_which_continue_like_a_local_resume(backend, tiny_bu
         assert torch.equal(chunk.latents, local.next().latents)
         assert torch.equal(s.next().latents, local.next().latents)
     finally:
-        backend.placement.undrain(source)
-        backend.close(s)
+        own_backend.close(s)
 
 
 def test_killed_worker_is_replaced_and_its_streams_resume(backend) -> None:

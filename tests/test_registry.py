@@ -16,24 +16,28 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from streamgen.bundles import registry
-from streamgen.bundles.registry import (
-    FamilyConfigError,
-    ModelDirError,
+from streamgen.bench.setup import (
     add_bench_model_options,
-    add_models_parser,
     bench_engine_setup,
     bench_setup_from_args,
-    build_policy,
+)
+from streamgen.bundles import check, family
+from streamgen.bundles.check import (
+    ModelDirError,
     check_model_dir,
     expected_dit_shapes,
     expected_umt5_shapes,
     expected_vae_shapes,
+)
+from streamgen.bundles.family import (
+    FamilyConfigError,
+    build_policy,
     family_files,
     load_family_config,
     load_family_file,
-    read_lazy,
 )
+from streamgen.bundles.models_cli import add_models_parser
+from streamgen.models.checkpoint import read_lazy
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = ("self-forcing", "causvid", "longlive", "rolling-forcing", "reward-forcing", "deep-forcing",
@@ -183,11 +187,11 @@ def test_configs_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     data = _real_yaml("reward-forcing")
     data["name"] = "my-family"
     _write_yaml(tmp_path / "models", data)
-    monkeypatch.setenv(registry.CONFIG_ENV, str(tmp_path))
+    monkeypatch.setenv(family.CONFIG_ENV, str(tmp_path))
     assert list(family_files()) == ["my-family"]
     assert load_family_config("my-family").stream.policy == "ema_sink"
-    monkeypatch.setenv(registry.CONFIG_ENV, str(tmp_path / "missing"))
-    with pytest.raises(FamilyConfigError, match=registry.CONFIG_ENV):
+    monkeypatch.setenv(family.CONFIG_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FamilyConfigError, match=family.CONFIG_ENV):
         family_files()
 
 
@@ -239,7 +243,7 @@ def tiny_model_dir(root: Path, with_tokenizer: bool = False) -> Path:
     from streamgen.models.taehv import TAEHV
 
     with torch.device("meta"):
-        shapes = TAEHV(registry.taehv_config(TINY_TAEHV)).expected_shapes()
+        shapes = TAEHV(check.taehv_config(TINY_TAEHV)).expected_shapes()
     torch.save(_zeros(shapes), d / "taew2_1.pth")
     if with_tokenizer:
         _write_tokenizer(d / "google" / "umt5-xxl")
@@ -467,9 +471,10 @@ def test_bench_engine_setup_from_args() -> None:
 
 
 def test_registry_import_is_light() -> None:
-    """The CLI builds its parser from this module: importing it must not import torch."""
+    """The CLI builds its parser from these modules: importing them must not import torch."""
     import subprocess
     import sys
 
-    code = "import sys, streamgen.bundles.registry; sys.exit('torch' in sys.modules)"
+    code = ("import sys, streamgen.bundles.family, streamgen.bundles.models_cli, streamgen.bundles.options, "
+            "streamgen.bench.setup; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

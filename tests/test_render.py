@@ -29,7 +29,7 @@ from streamgen.render.timeline import (
     parse_timeline,
     single_prompt,
 )
-from streamgen.render.writer import load_latents, output_size, parse_size
+from streamgen.render.writer import load_latents, output_size, parse_output_size
 
 MODEL = "tiny-random"  # 32×32 frames, 16 fps, 1 video frame per latent frame, 3-frame chunks
 
@@ -252,10 +252,10 @@ def test_frame_mapping_and_sizes():
     switches, warnings = plan_switches(tl, 16.0, wan, 3, frame_count(5, 16.0))
     assert [(s.video_frame, s.latent_frame, s.chunk) for s in switches] == [(0, 0, 0), (16, 5, 2), (17, 5, 2), (144, 37, 13)]
     assert "same chunk" in warnings[0] and "past the end" in warnings[1]
-    assert parse_size("256") == 256 and parse_size("640x360") == (640, 360)
-    for bad in ("33x32", "x", "0", "12x"):
+    assert parse_output_size("256") == 256 and parse_output_size("640x360") == (640, 360)
+    for bad in ("33x32", "x", "0", "12x", "1"):
         with pytest.raises(ValueError):
-            parse_size(bad)
+            parse_output_size(bad)
     assert output_size(32, 32, None) == (32, 32) and output_size(33, 17, None) == (34, 18)
     assert output_size(832, 480, 256) == (256, 148) and output_size(32, 32, 100) == (100, 100)
     with pytest.raises(TimelineError, match=r"t.json:1: the timeline is empty"):

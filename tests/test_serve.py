@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import numpy as np
@@ -31,6 +32,7 @@ from streamgen_client import ControlError, ReceivedFrame, ServerError, StreamCli
 
 from streamgen.bundles.bundle import load_bundle  # noqa: E402
 from streamgen.engine.frame_stream import FrameStream  # noqa: E402
+from streamgen.serve import limits  # noqa: E402
 from streamgen.serve.config import ServeConfig  # noqa: E402
 from streamgen.serve.frames import Frame, FrameQueue  # noqa: E402
 from streamgen.serve.ice import ice_servers  # noqa: E402
@@ -126,6 +128,53 @@ async def frames_for(client: StreamClient, seconds: float) -> list[ReceivedFrame
     return frames
 
 
+def coarse(image: np.ndarray, size: int = 32) -> np.ndarray:
+    """An image block-averaged to size × size (codec noise averages out; the model's frames stay far apart)."""
+    h, w = image.shape[:2]
+    return image.reshape(size, h // size, size, w // size, 3).mean(axis=(1, 3), dtype=np.float32)
+
+
+def is_fresh(previous: ReceivedFrame, frame: ReceivedFrame) -> bool:
+    """A new frame, not the held one re-sent: consecutive model frames differ by ≈ 50+ (mean |Δ| at 32×32),
+    a held frame re-encoded by codec noise only (< 3)."""
+    return float(np.abs(coarse(frame.image) - coarse(previous.image)).mean()) > MATCH
+
+
+async def fresh_frames(client: StreamClient, n: int, hang_s: float = 60.0) -> list[ReceivedFrame]:
+    """Every frame received until `n` fresh ones (see is_fresh; each against the frame before it) followed
+    the first. A count, not a rate: `hang_s` only stops a stream that stopped from blocking the suite."""
+    frames: list[ReceivedFrame] = []
+
+    async def collect() -> None:
+        fresh = 0
+        while fresh < n:
+            frame = await client.next_frame(timeout=hang_s)
+            fresh += bool(frames) and is_fresh(frames[-1], frame)
+            frames.append(frame)
+
+    try:
+        await asyncio.wait_for(collect(), hang_s)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"hung: {len(frames)} frames but not {n} fresh ones within {hang_s:g} s") from None
+    return frames
+
+
+def fresh_steps(frames: list[ReceivedFrame]) -> list[bool]:
+    """For each frame after the first: is it fresh against the one before it?"""
+    return [is_fresh(a, b) for a, b in zip(frames, frames[1:])]
+
+
+def assert_in_order(frames: list[ReceivedFrame], seen: list[int | None]) -> None:
+    """Received frames are consecutive on the client (no gap, no repeat: `seq`), on the sender's clock in
+    order (`pts` strictly increasing), and show the model's frames in order: each fresh frame a later frame
+    than the one before it, each held one the same frame again."""
+    assert [f.seq for f in frames] == list(range(frames[0].seq, frames[0].seq + len(frames)))
+    assert all(b.pts > a.pts for a, b in zip(frames, frames[1:])), [f.pts for f in frames]
+    assert None not in seen, seen
+    steps = [b > a if fresh else b == a for a, b, fresh in zip(seen, seen[1:], fresh_steps(frames))]
+    assert all(steps), list(zip(seen, [None] + fresh_steps(frames)))
+
+
 async def until(check: Callable[[], object], seconds: float, step: float = 0.1) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -146,9 +195,9 @@ def test_two_sessions_stay_independent() -> None:
     async def main():
         async with serving() as server:
             async with StreamClient(server.url, prompt="a red fox") as a, StreamClient(server.url, prompt="a blue whale") as b:
-                await frames_for(a, 0.5)
+                await fresh_frames(a, 8)
                 ack = await a.send_prompt("a green field")
-                got_a, got_b = await asyncio.gather(frames_for(a, 1.5), frames_for(b, 1.5))
+                got_a, got_b = await asyncio.gather(fresh_frames(a, 24), fresh_frames(b, 24))
                 assert b.notices == [] and ack["of"] == "prompt"  # A's prompt is acked on A only
                 sa, sb = await a.session(), await b.session()
                 _, metrics = await get(server.url, "/metrics")
@@ -162,6 +211,8 @@ def test_two_sessions_stay_independent() -> None:
     a_seen = [(f, fox_then_field.identify(f)) for f in got_a]
     b_seen = [(f, whale.identify(f)) for f in got_b]
     assert all(i is not None for _, i in a_seen + b_seen)
+    assert_in_order(got_a, [i for _, i in a_seen])  # each session's frames in order, fresh ones advancing
+    assert_in_order(got_b, [i for _, i in b_seen])
     def moved(ref: Reference, seen: list, other: Reference, target: float) -> bool:
         """Frames sit `target` of the way from `ref` to `other` (0: on ref, 1: on other), each one and on average."""
         values = np.array([ref.toward(f.image, i, other) for f, i in seen])
@@ -230,8 +281,8 @@ def test_bad_http_input_gets_clear_answers() -> None:
     run(main())
 
 
-def test_bad_control_messages_get_errors_and_the_stream_goes_on() -> None:
-    async def main() -> list[ReceivedFrame]:
+def test_bad_control_messages_get_errors_and_the_stream_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> tuple[list[ReceivedFrame], list[dict]]:
         async with serving() as server, StreamClient(server.url, prompt="a red fox") as client:
             await client.next_frame()
             for raw, words in [("not json", "not valid JSON"),
@@ -259,20 +310,31 @@ def test_bad_control_messages_get_errors_and_the_stream_goes_on() -> None:
             assert (await client.reset())["frame"] == 0
             after_reset = [await client.next_frame() for _ in range(12)]
 
+            # A burst past the limit (20 messages/s, bursts of 20) is refused message by message, not by a
+            # disconnect. The bucket's clock stands still during the burst (however slowly this box handles
+            # it), so exactly the first 20 fit and the other 10 are refused, each answered under its own id.
             await asyncio.sleep(1.0)  # a full token bucket
-            for _ in range(30):  # burst past 20 messages/s: refused with a message, not a disconnect
-                client.send_raw('{"type": "pause"}')
-            assert await until(lambda: sum(n.get("type") == "ack" for n in client.notices) +
-                               sum("rate limit" in n.get("message", "") for n in client.notices) == 30, 5)
-            assert 5 <= sum("rate limit" in n.get("message", "") for n in client.notices) <= 30 - 20
-            await asyncio.sleep(1.0)
-            await client.resume()
+            client.notices.clear()
+            burst = [f"burst-{k}" for k in range(30)]
+            frozen = time.monotonic()
+            monkeypatch.setattr(limits, "time", SimpleNamespace(monotonic=lambda: frozen))
+            for msg_id in burst:
+                client.send_raw(json.dumps({"type": "pause", "id": msg_id}))
+            assert await until(lambda: len(client.notices) >= len(burst), 30), f"hung: replies {client.notices}"
+            monkeypatch.undo()  # the bucket's clock runs again
+            await asyncio.sleep(1.0)  # and refills
+            await client.resume()  # answered after every reply to the burst (one channel, handled in order)
+            replies = [n for n in client.notices if str(n.get("id")).startswith("burst-")]
             client.drain()
             await client.next_frame()
             assert (await get(server.url, "/health"))[0] == 200
-        return after_reset
+        return after_reset, replies
 
-    after_reset = run(main())
+    after_reset, replies = run(main())
+    assert [r.get("id") for r in replies] == [f"burst-{k}" for k in range(30)], replies  # one each, in order
+    assert all(r["type"] == "ack" and r["of"] == "pause" for r in replies[:20]), replies[:20]
+    assert all(r["type"] == "error" and r["of"] == "pause" and "rate limit: at most 20 control messages per second"
+               in r["message"] for r in replies[20:]), replies[20:]
     restarted = Reference("a red fox", 30, seed=3)  # reset keeps the prompt and params, restarts at frame 0
     seen = [restarted.identify(f) for f in after_reset]
     start = next(k for k, i in enumerate(seen) if i is not None and i < 6)

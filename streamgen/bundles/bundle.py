@@ -141,7 +141,7 @@ def load_bundle(name: str = DEFAULT_MODEL, model_dir: str | None = None, *, dtyp
         torch_dtype = resolve_dtype(dtype, next(bundle.dit.parameters()).device)
         bundle.stream = replace(bundle.stream, dtype=torch_dtype)
     else:
-        from .registry import family_files
+        from .family import family_files
 
         families = family_files()
         if name not in families and not name.endswith((".yaml", ".yml")):

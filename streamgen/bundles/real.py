@@ -1,6 +1,6 @@
 """Build a `ModelBundle` for a real Wan2.1 family from a local model dir, or at real dims with random weights.
 
-`load_family("longlive", "/models/wan")` checks the dir first (`registry.check_model_dir`: every file,
+`load_family("longlive", "/models/wan")` checks the dir first (`check.check_model_dir`: every file,
 key and shape, headers only), so a missing or wrong file fails before any weight is read. Then:
 
 - DiT: the family's checkpoint envelope (memory-mapped, so the unused `critic` / non-EMA copies in the
@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..models.checkpoint import check_state_dict, load_lora, merge_lora
+from ..models.checkpoint import (
+    check_state_dict,
+    load_lora,
+    merge_lora,
+    normalize_state,
+    pick_envelope,
+)
 from ..models.config import DiTConfig
 from ..models.decoders import (
     FrameDecoder,
@@ -38,18 +44,14 @@ from ..models.dit import WanDiT, keeps_fp32
 from ..models.random_text import RandomTextEncoder
 from ..models.rope import Rope3D
 from .bundle import ModelBundle, resolve_dtype
-from .registry import (
-    FamilySpec,
+from .check import (
     ModelDirError,
     check_model_dir,
     expected_dit_shapes,
-    load_family_config,
-    normalize_state,
-    pick_envelope,
-    reduced_architecture,
     taehv_config,
     vae_kwargs,
 )
+from .family import FamilySpec, load_family_config, reduced_architecture
 
 BUNDLE_DECODERS = ("vae", "taehv", "preview")
 
@@ -133,7 +135,7 @@ def bench_bundle(name: str | FamilySpec, size: str = "832x480", random_weights: 
     """The benchmark target: `name`'s real architecture at `size`, random weights by default.
 
     `layers` / `dim` (/ `heads`, `ffn_dim`) shrink the DiT for CPU runs (head size and FFN ratio kept;
-    see `registry.reduced_architecture`); they need random weights.
+    see `family.reduced_architecture`); they need random weights.
     """
     spec = load_family_config(name)
     cfg = reduced_architecture(spec, layers=layers, dim=dim, heads=heads, ffn_dim=ffn_dim)

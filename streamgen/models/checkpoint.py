@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,14 @@ logger = logging.getLogger(__name__)
 _ENVELOPES = ("generator_ema", "generator", "model")
 _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 _TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin"})
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
-_MAX_LISTED = 20
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+MAX_LISTED = 20
+
+
+def listed(items: list[str], limit: int = 10) -> str:
+    """The first `limit` items of a long problem list, with a count of the rest."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
 class CheckpointError(ValueError):
@@ -36,9 +43,9 @@ class CheckpointError(ValueError):
 def _format_list(title: str, items: list[str]) -> list[str]:
     """Render one problem category, capped so huge mismatches stay readable."""
     lines = [f"{title} ({len(items)}):"]
-    lines += [f"  {item}" for item in items[:_MAX_LISTED]]
-    if len(items) > _MAX_LISTED:
-        lines.append(f"  ... and {len(items) - _MAX_LISTED} more")
+    lines += [f"  {item}" for item in items[:MAX_LISTED]]
+    if len(items) > MAX_LISTED:
+        lines.append(f"  ... and {len(items) - MAX_LISTED} more")
     return lines
 
 
@@ -155,7 +162,7 @@ def _pair_lora(lora: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], l
     pairs: dict[str, dict[str, Tensor]] = {}
     problems: list[str] = []
     for key in sorted(lora):
-        match = _LORA_KEY.match(key)
+        match = LORA_KEY.match(key)
         if match is None:
             problems.append(f"{key}: not base_model.model.<module>.lora_{{A|B}}.weight")
             continue
@@ -239,3 +246,79 @@ def load_dit_weights(
     if dtype is not None:
         state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
     return state
+
+
+# -------------------------------------------------------------- headers (no tensor data read)
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def read_lazy(path: str | Path) -> Any:
+    """The checkpoint's structure with every tensor on the meta device (shape and dtype, no data).
+
+    safetensors: header only (``safe_open`` metadata). Torch zip pickles: ``torch.load(mmap=True,
+    map_location="meta", weights_only=True)`` — storages are memory-mapped, never read. Legacy
+    (non-zip) pickles cannot be mapped: ``map_location="meta"`` still streams the file once but keeps
+    nothing. Untrusted pickles run no code (weights_only).
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                out = {}
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    dtype = getattr(torch, _SAFETENSORS_DTYPES.get(sl.get_dtype(), "float32"))
+                    out[key] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+                return out
+        if zipfile.is_zipfile(path):
+            return torch.load(path, mmap=True, map_location="meta", weights_only=True)
+        return torch.load(path, map_location="meta", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a problem with this file
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+
+
+def pick_envelope(obj: Any, envelope: str | tuple[str, ...], where: str) -> tuple[dict[str, Any], str]:
+    """The weights dict inside a checkpoint: the first declared envelope present, or the file itself when flat.
+
+    A flat file (all values tensors: any safetensors, Reward Forcing's .pt) is accepted whatever is
+    declared. A file with envelopes must hold a declared one: picking another silently would run
+    e.g. non-EMA weights where the release is meant to run its EMA ones.
+    """
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{where}: holds a {type(obj).__name__}, expected a dict of tensors")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, "flat"
+    envelopes = (envelope,) if isinstance(envelope, str) else tuple(envelope)
+    present = [k for k in obj if isinstance(obj[k], dict)]
+    envelope = next((e for e in envelopes if e != "flat" and e in obj), "")
+    if not envelope:
+        named = [e for e in envelopes if e != "flat"]
+        wanted = "a flat dict of tensors" if not named else "envelope " + " or ".join(map(repr, named))
+        raise CheckpointError(f"{where}: expected {wanted}; the file has entries {sorted(map(str, obj))} "
+                              f"(dict envelopes: {present or 'none'})")
+    state = obj[envelope]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: envelope {envelope!r} holds a {type(state).__name__}, expected a dict")
+    non_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if non_tensors:
+        raise CheckpointError(f"{where}: envelope {envelope!r} has non-tensor entries: {listed(non_tensors)}")
+    return state, envelope
+
+
+def normalize_state(state: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Apply `checkpoint.normalize_key` (strip model., FSDP/compile segments) refusing collisions."""
+    out: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    collisions = []
+    for raw, value in state.items():
+        key = normalize_key(str(raw))
+        if key in out:
+            collisions.append(f"{key} <- {sources[key]}, {raw}")
+        out[key], sources[key] = value, str(raw)
+    if collisions:
+        raise CheckpointError(f"{where}: several keys normalize to the same name: {listed(collisions)}")
+    return out

@@ -22,10 +22,10 @@ DEFAULT_SECONDS = 5.0
 
 
 def _size_arg(text: str) -> int | tuple[int, int]:
-    from .writer import parse_size
+    from .writer import parse_output_size
 
     try:
-        return parse_size(text)
+        return parse_output_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -54,7 +54,7 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     from ..backends.ray.cluster import (
         add_ray_arguments,  # light: no torch, no ray import
     )
-    from ..bundles.registry import add_precision_arguments  # light: no torch
+    from ..bundles.options import add_precision_arguments  # light: no torch
     from .writer import (  # light: torch / av are imported where used
         DEFAULT_CRF,
         DEFAULT_PRESET,
@@ -140,7 +140,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     from ..backends.ray.cluster import backend_from_args
     from ..bundles.bundle import DEFAULT_MODEL, load_bundle
-    from ..bundles.registry import precision_settings
+    from ..bundles.options import precision_settings
     from .job import frame_count, run_job
 
     if args.threads:

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..bundles.family import parse_size
+
 if TYPE_CHECKING:  # torch, numpy and av are imported where used: the CLI parser imports this module
     import numpy as np
     from torch import Tensor
@@ -28,21 +30,15 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 
 
 # --- sizes and scaling -----------------------------------------------------------------------------
-def parse_size(text: str) -> int | tuple[int, int]:
-    """`--size`: "N" (longer side N, aspect kept, sides rounded to even) or "WxH" (exact; both even,
-    as yuv420p needs)."""
-    parts = text.strip().lower().split("x")
-    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
-        raise ValueError(f"expected N (longer side) or WxH, got {text!r}")
-    nums = [int(p) for p in parts]
-    if min(nums) < 2:
+def parse_output_size(text: str) -> int | tuple[int, int]:
+    """`render --size`: `parse_size`'s "N" (longer side N, aspect kept, sides rounded to even) or "WxH"
+    (exact; both even, as yuv420p needs)."""
+    size = parse_size(text)
+    if min((size,) if isinstance(size, int) else size) < 2:
         raise ValueError(f"a side must be at least 2 pixels, got {text!r}")
-    if len(nums) == 1:
-        return nums[0]
-    w, h = nums
-    if w % 2 or h % 2:
-        raise ValueError(f"width and height must be even (yuv420p), got {w}x{h}")
-    return (w, h)
+    if isinstance(size, tuple) and (size[0] % 2 or size[1] % 2):
+        raise ValueError(f"width and height must be even (yuv420p), got {size[0]}x{size[1]}")
+    return size
 
 
 def _even(x: float) -> int:

@@ -12,8 +12,18 @@ from ..errors import InputError
 from .errors import describe
 from .limits import RateLimiter
 from .metrics import Metrics
-from .protocol import (MAX_MESSAGE_BYTES, Ack, Error, ParamsMessage, PauseMessage, PromptMessage, ResetMessage,
-                       ResumeMessage, load_json, parse_client_message)
+from .protocol import (
+    MAX_MESSAGE_BYTES,
+    AckMessage,
+    Error,
+    ParamsMessage,
+    PauseMessage,
+    PromptMessage,
+    ResetMessage,
+    ResumeMessage,
+    load_json,
+    parse_client_message,
+)
 from .session import Session
 
 MESSAGES = {"prompt": PromptMessage, "params": ParamsMessage, "pause": PauseMessage, "resume": ResumeMessage,
@@ -28,7 +38,7 @@ class ControlHandler:
         self.limiter = RateLimiter(rate)
         self.metrics = metrics
 
-    async def handle(self, raw: str | bytes) -> Ack | Error | None:
+    async def handle(self, raw: str | bytes) -> AckMessage | Error | None:
         """The immediate reply (None when the ack follows at the next chunk boundary)."""
         kind, msg_id = _peek(raw)
         if not self.limiter.allow():
@@ -39,7 +49,7 @@ class ControlHandler:
         self.metrics.inc("streamgen_control_messages_total", result="error" if isinstance(reply, Error) else "ok")
         return reply
 
-    async def _handle(self, raw: str | bytes, kind: str | None, msg_id: str | int | None) -> Ack | Error | None:
+    async def _handle(self, raw: str | bytes, kind: str | None, msg_id: str | int | None) -> AckMessage | Error | None:
         try:
             msg = parse_client_message(raw)
         except ValidationError as exc:
@@ -51,7 +61,7 @@ class ControlHandler:
         except InputError as exc:  # refused by the engine (e.g. a transition the sampler cannot do)
             return Error(message=str(exc), of=msg.type, id=msg.id)
 
-    async def _apply(self, msg) -> Ack | Error | None:
+    async def _apply(self, msg) -> AckMessage | Error | None:
         session = self.session
         if isinstance(msg, PromptMessage):
             await session.set_prompt(msg.prompt, msg.transition, msg.id)

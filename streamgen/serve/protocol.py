@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from ..bundles.family import TransitionSpec
 from ..errors import InputError
 
 MAX_PROMPT_CHARS = 500
@@ -51,15 +52,6 @@ def load_json(raw: str | bytes, what: str, limit: int) -> Any:
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str | int | None = None
-
-
-class TransitionSpec(BaseModel):
-    """`recache` (LongLive KV re-cache) or `blend` over `chunks` chunks (linear or slerp)."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["recache", "blend"] = "recache"
-    chunks: int = Field(1, ge=1, le=32)
-    interpolation: Literal["linear", "slerp"] = "linear"
 
 
 def _prompt_text(value: str) -> str:
@@ -123,7 +115,10 @@ ClientMessage = Annotated[Union[PromptMessage, ParamsMessage, PauseMessage, Resu
 CLIENT_MESSAGE = TypeAdapter(ClientMessage)
 
 
-class Ack(BaseModel):
+class AckMessage(BaseModel):
+    """The wire form of an `engine.stream.Ack` (and of pause/resume, which the session applies itself):
+    `id` is the client message's own id."""
+
     type: Literal["ack"] = "ack"
     of: str
     frame: int

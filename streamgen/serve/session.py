@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from ..backends import Backend
+from ..bundles.family import TransitionSpec
 from ..engine.frame_stream import FrameChunk, FrameStream
 from ..engine.prompts import Transition
 from .config import ServeConfig
 from .encoder import DisplayScaler
 from .frames import Frame, FrameQueue, Pacer
 from .metrics import Metrics
-from .protocol import Ack, Error, Stall, Stats, TransitionSpec
+from .protocol import AckMessage, Error, Stall, Stats
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -104,20 +105,20 @@ class Session:
     async def reset(self, msg_id: str | int | None) -> None:
         await self._queued(lambda: self.stream.reset(msg_id))
 
-    def pause(self, msg_id: str | int | None) -> Ack:
+    def pause(self, msg_id: str | int | None) -> AckMessage:
         """Freeze on the frame now on screen, at once: queued frames wait (Scope PR #43: no play-out), and no
         new chunk starts (a reset still lands, so it is acknowledged)."""
         self.paused = True
         if self._handle is not None:
             self._handle.pause()
-        return Ack(of="pause", frame=self.last.index if self.last else 0, id=msg_id)
+        return AckMessage(of="pause", frame=self.last.index if self.last else 0, id=msg_id)
 
-    def resume(self, msg_id: str | int | None) -> Ack:
+    def resume(self, msg_id: str | int | None) -> AckMessage:
         self.paused = False
         if self._handle is not None:
             self._handle.resume()
         following = self.queue.peek_index()
-        return Ack(of="resume", frame=following if following is not None else (self.last.index + 1 if self.last else 0),
+        return AckMessage(of="resume", frame=following if following is not None else (self.last.index + 1 if self.last else 0),
                    id=msg_id)
 
     async def _queued(self, call: Callable[[], None]) -> None:
@@ -159,7 +160,7 @@ class Session:
             self.send(Stall(frame=chunk.first_frame, reason=stall["reason"], recovery_s=round(stall["recovery_s"], 3),
                             events=stall["events"], replaced=stall.get("replaced", [])))
         for ack in chunk.acks:
-            self.send(Ack(of=ack.of, frame=ack.frame, id=ack.tag, detail=ack.detail or None))
+            self.send(AckMessage(of=ack.of, frame=ack.frame, id=ack.tag, detail=ack.detail or None))
 
     def _on_error(self, exc: BaseException) -> None:
         log.error("session %s: generation failed", self.id, exc_info=exc)

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["RayBackend", "PipelineConfig", "PlacementConfig", "StreamFailedError", "connect", "add_ray_arguments",
-           "backend_from_args", "make_backend", "ray_settings", "Pipeline", "PipelineFrameStream", "PipelineChunk"]
+           "backend_from_args", "make_backend", "ray_settings", "Pipeline", "PipelineFrameStream"]
 
 _WHERE = {"RayBackend": "backend", "PipelineConfig": "pipeline", "Pipeline": "pipeline", "PipelineFrameStream": "pipeline",
-          "PipelineChunk": "pipeline", "StreamFailedError": "pipeline", "PlacementConfig": "placement",
+          "StreamFailedError": "pipeline", "PlacementConfig": "placement",
           "connect": "cluster", "add_ray_arguments": "cluster", "backend_from_args": "cluster", "make_backend": "cluster", "ray_settings": "cluster"}
 
 

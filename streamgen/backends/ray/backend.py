@@ -18,7 +18,7 @@ from typing import Any
 from ..base import Backend, CapacityError
 from .cluster import connect
 from .pipeline import Pipeline, PipelineConfig, PipelineFrameStream
-from .placement import Placement, PlacementConfig, PlacedFrameStream
+from .placement import PlacedFrameStream, Placement, PlacementConfig
 
 MODES = ("tpp", "placement")
 

@@ -38,7 +38,7 @@ def connect(address: str | None = "auto", *, num_cpus: int | None = None, num_gp
         except ConnectionError:
             if address != "auto":
                 raise ConnectionError(f"no Ray cluster at {address!r} (start one with `ray start --head`, "
-                                      "`ray up cluster/ray-cluster.yaml`, or use --ray-address auto)") from None
+                                      "`ray up cluster/ray-up.yaml`, or use --ray-address auto)") from None
             log.info("no running Ray cluster found: starting a local one")
             ray.init(**local)
             joined = False

@@ -32,7 +32,7 @@ timeout), dead or hung actors are re-created in their placement-group bundle and
 the pipeline is rewound to its last delivered chunk: each stage rebuilds each slot's cache by one
 re-cache pass from that slot's recent inputs, which the driver keeps (bounded), and the chunks that
 were in flight re-enter from step 0 with the inputs they started with (no control is applied or
-acknowledged twice). The client sees a stall reported on the next chunk (`PipelineChunk.stall`,
+acknowledged twice). The client sees a stall reported on the next chunk (`FrameChunk.stall`,
 `stream.stalls`), or `StreamFailedError` if recovery itself fails — never a frozen `next()`.
 """
 from __future__ import annotations
@@ -59,8 +59,17 @@ from ...engine.frame_stream import FrameChunk, FrameStream
 from ...engine.stream import Stream, StreamConfig
 from ..base import CapacityError
 from .stage import DecoderActor, StageActor
-from .wire import (BundleRecipe, ChunkStart, Rebuild, SessionSpec, SlotRebuild, bundle_name, noise_source, pack,
-                   unpack)
+from .wire import (
+    BundleRecipe,
+    ChunkStart,
+    Rebuild,
+    SessionSpec,
+    SlotRebuild,
+    bundle_name,
+    noise_source,
+    pack,
+    unpack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -625,14 +634,6 @@ class PipelineExecution(Execution):
         self.pipeline.close_session(self.session)
 
 
-@dataclass
-class PipelineChunk(FrameChunk):
-    """A FrameChunk plus `stall`: set on the first chunk after the stream's actors were recovered
-    ({events, recovery_s, reason, replaced}); None normally."""
-
-    stall: dict[str, Any] | None = None
-
-
 class PipelineFrameStream(FrameStream):
     """A FrameStream whose chunks are computed by a timestep pipeline and decoded by its decoder actor.
 
@@ -661,7 +662,7 @@ class PipelineFrameStream(FrameStream):
         self.execution = PipelineExecution(self.pipeline, stream)
         return self.execution
 
-    def next(self) -> PipelineChunk:
+    def next(self) -> FrameChunk:
         if self.closed:
             raise StreamFailedError("stream is closed")
         chunk = self.stream.next_chunk()
@@ -672,7 +673,7 @@ class PipelineFrameStream(FrameStream):
             self.stalls += stall["events"]
         video = self._video
         acks = [replace(a, frame=video(a.frame)) for a in chunk.acks]
-        return PipelineChunk(chunk.index, video(chunk.first_frame), frames, chunk.latents, acks, stall)
+        return FrameChunk(chunk.index, video(chunk.first_frame), frames, chunk.latents, acks, stall)
 
 
     def close(self) -> None:

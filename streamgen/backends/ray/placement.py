@@ -28,10 +28,10 @@ from torch import Tensor
 
 from ...cache.policy import make_policy
 from ...engine.execution import ExactExecution, RecentFrames
-from ...engine.frame_stream import FrameStream
+from ...engine.frame_stream import FrameChunk, FrameStream
 from ...engine.prompts import Transition
 from ...engine.stream import Stream, StreamConfig, Tag
-from .pipeline import PipelineChunk, StreamFailedError, actor_options, slot_cache_bytes
+from .pipeline import StreamFailedError, actor_options, slot_cache_bytes
 from .rebuild import fill_recent, rebuild_cache
 from .stage import _device
 from .wire import BundleRecipe, build_bundle, pack, unpack
@@ -365,10 +365,6 @@ class Placement:
                 pass
         return moved
 
-    def undrain(self, index: int) -> None:
-        with self._lock:
-            self.workers[index].draining = False
-
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"workers": [{"index": w.index, "streams": len(w.sessions), "kv_bytes": w.used_bytes,
@@ -433,7 +429,7 @@ class PlacedFrameStream(FrameStream):
         self.closed = False
 
     # --- generation ----------------------------------------------------------------------------
-    def next(self) -> PipelineChunk:
+    def next(self) -> FrameChunk:
         with self._lock:
             if self.closed:
                 raise StreamFailedError("stream is closed")
@@ -469,7 +465,7 @@ class PlacedFrameStream(FrameStream):
                          "replaced": [f"worker{self.worker.index}"]}
             if stall:
                 self.stalls += 1
-            return PipelineChunk(out["index"], out["first_frame"], unpack(out["frames"]), latents, out["acks"], stall)
+            return FrameChunk(out["index"], out["first_frame"], unpack(out["frames"]), latents, out["acks"], stall)
 
     # --- controls ------------------------------------------------------------------------------
     @property

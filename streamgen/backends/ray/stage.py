@@ -26,7 +26,18 @@ from ...sampling.denoiser import Denoiser
 from ...sampling.few_step import FewStepSampler
 from ...sampling.schedule import FlowSchedule
 from .rebuild import fill_recent, rebuild_cache
-from .wire import BundleRecipe, ChunkStart, Rebuild, SessionSpec, WireWork, build_bundle, nbytes, noise_source, pack, unpack
+from .wire import (
+    BundleRecipe,
+    ChunkStart,
+    Rebuild,
+    SessionSpec,
+    WireWork,
+    build_bundle,
+    nbytes,
+    noise_source,
+    pack,
+    unpack,
+)
 
 CONTEXTS_KEPT = 64  # per session, hard cap on remembered prompt contexts (normally pruned to those still in use)
 

@@ -1,0 +1,521 @@
+"""Model families: one YAML per model family (`streamgen/configs/models/<name>.yaml`), validated with pydantic,
+and what a model dir must hold (`streamgen models list | show | check` in `models_cli`).
+
+Config, not code, selects a family: a YAML carries the DiT architecture, the video geometry, the
+stream settings of spec §b.7 (cache policy and its settings, sampler, steps, warping, shift, chunk)
+and the files a model dir must hold (paths relative to the dir, the checkpoint envelope, the LoRA).
+Adding a family is adding a YAML; `streamgen.bundles.real.load_family` builds a `ModelBundle` from it.
+
+Where the YAMLs live: ONE copy, package data in ``streamgen/configs/models/`` (so a wheel install has
+them), or ``$STREAMGEN_CONFIGS/models`` when that variable is set (private families).
+
+YAML schema (``FamilySpec``; unknown keys are errors, every error names the file and the field)::
+
+    name: longlive                 # = the file stem
+    title: LongLive                # for messages ("LongLive needs models/lora.pt")
+    kind: family | base            # base: a family-less architecture name (wan2.1-t2v-1.3b)
+    description: ...
+    reference: "owner/repo @ commit (files)"
+    architecture: {dim, ffn_dim, freq_dim, text_dim, text_len, num_heads, num_layers, in_dim, out_dim,
+                   patch_size, eps, qk_norm, cross_attn_norm, rope_theta, rope_max_frames}   # DiTConfig
+    video: {width, height, latent_height, latent_width, vae_stride: [4, 8, 8], fps}
+    stream: {policy, policy_settings: {...}, sampler, schedule, steps, warp_steps, shift, context_noise,
+             chunk_frames, transition: {kind, chunks, interpolation}}                     # StreamConfig
+    files:                         # path: one relative path or a list of alternatives (first found wins)
+      dit: {path, envelope: generator_ema | generator | model | flat (or a preference list), source}
+      lora: {path, key: generator_lora, rank, alpha, target_modules: [...], source}      # optional
+      text_encoder: {path, config: {UMT5Config fields}, source}
+      tokenizer: {path: <dir>, files: [tokenizer.json], source}
+      vae: {path, config: {dim, z_dim, dim_mult, num_res_blocks, attn_scales, temporal_downsample}}
+      taehv: {path, optional: true, config: {TAEHVConfig fields}}                       # optional
+
+This module imports no torch: the CLI parser and `models list` stay fast.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..models.config import DiTConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+
+CONFIG_ENV = "STREAMGEN_CONFIGS"
+
+
+DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                        "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+
+DECODERS = ("vae", "taehv")
+
+
+class FamilyConfigError(ValueError):
+    """A family YAML that cannot be found, parsed or validated; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Architecture(_Strict):
+    """The DiT's shape: every field of `DiTConfig` (spec §a.1 for Wan2.1-T2V-1.3B)."""
+
+    dim: int = Field(gt=0)
+    ffn_dim: int = Field(gt=0)
+    freq_dim: int = Field(gt=0)
+    text_dim: int = Field(gt=0)
+    text_len: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    in_dim: int = Field(gt=0)
+    out_dim: int = Field(gt=0)
+    patch_size: tuple[int, int, int]
+    eps: float = Field(gt=0)
+    qk_norm: bool
+    cross_attn_norm: bool
+    rope_theta: float = 10000.0
+    rope_max_frames: int = Field(1024, gt=0)
+
+    @model_validator(mode="after")
+    def _dit_config(self) -> "Architecture":
+        DiTConfig(**self.model_dump())  # head divisibility, even head_dim, temporal patch 1
+        return self
+
+    def dit_config(self, **overrides: Any) -> DiTConfig:
+        return DiTConfig(**{**self.model_dump(), **overrides})
+
+
+class Video(_Strict):
+    """Pixel size, latent size (pixels / VAE stride) and frame rate."""
+
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    latent_height: int = Field(gt=0)
+    latent_width: int = Field(gt=0)
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+    fps: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Video":
+        _, sh, sw = self.vae_stride
+        if (self.latent_height * sh, self.latent_width * sw) != (self.height, self.width):
+            raise ValueError(f"latent {self.latent_height}x{self.latent_width} (HxW) times the VAE stride {sh}x{sw} "
+                             f"is not the video size {self.height}x{self.width} (HxW)")
+        return self
+
+
+class TransitionSpec(_Strict):
+    """How a prompt switch lands: `recache` (LongLive KV re-cache) or `blend` over `chunks` chunks (linear or
+    slerp); a family's default, and what a live prompt message may ask for."""
+
+    kind: Literal["recache", "blend"] = "recache"
+    chunks: int = Field(1, ge=1, le=32)
+    interpolation: Literal["linear", "slerp"] = "linear"
+
+
+class StreamSpec(_Strict):
+    """The inference settings the checkpoint was trained with (spec §b.7); fills `StreamConfig`."""
+
+    policy: str
+    policy_settings: dict[str, Any] = Field(default_factory=dict)
+    sampler: Literal["few_step", "rolling"]
+    schedule: Literal["exact", "timestep-slot"] = "exact"
+    steps: tuple[float, ...] = Field(min_length=1)
+    warp_steps: bool
+    shift: float = Field(gt=0)
+    context_noise: float = Field(0.0, ge=0)
+    chunk_frames: int = Field(3, gt=0)
+    transition: TransitionSpec = TransitionSpec()
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < s <= 1000 for s in steps):
+            raise ValueError(f"steps must lie in (0, 1000], got {list(steps)}")
+        if any(b >= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"steps must strictly decrease, got {list(steps)}")
+        return steps
+
+    @model_validator(mode="after")
+    def _warp_needs_integers(self) -> "StreamSpec":
+        if self.warp_steps and any(s != int(s) for s in self.steps):
+            raise ValueError(f"warped steps index the 1000-entry table: give integers, got {list(self.steps)}")
+        return self
+
+    @model_validator(mode="after")
+    def _policy_exists(self) -> "StreamSpec":
+        try:
+            build_policy(self.policy, self.policy_settings)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"policy {self.policy!r} with policy_settings {self.policy_settings}: {exc}") from None
+        return self
+
+
+class FileSpec(_Strict):
+    """A file (or a folder, for the tokenizer) relative to the model dir; a list gives alternatives."""
+
+    path: tuple[str, ...]
+    optional: bool = False
+    source: str | None = None  # where to get it (Hugging Face repo), for messages
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        if not paths:
+            raise ValueError("give at least one path")
+        for p in paths:
+            if not p or Path(p).is_absolute() or ".." in Path(p).parts:
+                raise ValueError(f"{p!r}: paths are relative to the model dir (no absolute paths, no '..')")
+        return paths
+
+    @property
+    def shown(self) -> str:
+        return " | ".join(self.path)
+
+
+class DiTFile(FileSpec):
+    """`envelope`: the entry holding the weights (a list: accepted entries in preference order)."""
+
+    envelope: tuple[Literal["generator_ema", "generator", "model", "flat"], ...] = Field(min_length=1)
+
+    @field_validator("envelope", mode="before")
+    @classmethod
+    def _envelopes(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @property
+    def envelope_text(self) -> str:
+        return "|".join(self.envelope)
+
+
+class LoraFile(FileSpec):
+    key: str = "generator_lora"  # the adapter's entry in the file; a file without it is a bare adapter
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS  # Linear modules inside every block
+
+
+class TextEncoderFile(FileSpec):
+    config: dict[str, Any]
+
+    @field_validator("config")
+    @classmethod
+    def _umt5(cls, config: dict[str, Any]) -> dict[str, Any]:
+        from ..models.umt5 import UMT5Config
+
+        _known_fields(config, UMT5Config)
+        _construct(UMT5Config, config)
+        return config
+
+
+class TokenizerDir(FileSpec):
+    files: tuple[str, ...] = ("tokenizer.json",)
+
+
+class VAEFile(FileSpec):
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("config")
+    @classmethod
+    def _vae(cls, config: dict[str, Any]) -> dict[str, Any]:
+        known = {"dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temporal_downsample", "dropout"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown VAE config keys {unknown}; known: {sorted(known)}")
+        return config
+
+
+class TAEHVFile(FileSpec):
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("config")
+    @classmethod
+    def _taehv(cls, config: dict[str, Any]) -> dict[str, Any]:
+        from ..models.taehv import TAEHVConfig
+
+        _known_fields(config, TAEHVConfig)
+        _construct(TAEHVConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+        return config
+
+
+class Files(_Strict):
+    dit: DiTFile
+    lora: LoraFile | None = None
+    text_encoder: TextEncoderFile
+    tokenizer: TokenizerDir
+    vae: VAEFile
+    taehv: TAEHVFile | None = None
+
+
+class FamilySpec(_Strict):
+    """One model family (or the base architecture): everything `load_family` and `check` need."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    title: str
+    kind: Literal["family", "base"] = "family"
+    description: str
+    reference: str | None = None
+    architecture: Architecture
+    video: Video
+    stream: StreamSpec
+    files: Files
+    _path: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "FamilySpec":
+        arch, files = self.architecture, self.files
+        if files.text_encoder.config.get("dim") != arch.text_dim:
+            raise ValueError(f"files.text_encoder.config.dim {files.text_encoder.config.get('dim')} must equal "
+                             f"architecture.text_dim {arch.text_dim}")
+        if files.vae.config.get("z_dim", 16) != arch.in_dim:
+            raise ValueError(f"files.vae.config.z_dim {files.vae.config.get('z_dim', 16)} must equal "
+                             f"architecture.in_dim {arch.in_dim}")
+        if self.files.lora is not None:
+            expected = lora_targets(arch.dit_config(), self.files.lora.target_modules, strict=False)
+            if not expected:
+                raise ValueError(f"files.lora.target_modules {list(self.files.lora.target_modules)} name no Linear "
+                                 "module of a DiT block")
+        self.stream_config()  # the StreamConfig itself validates sampler/schedule/transition combinations
+        return self
+
+    # --- derived ---------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path | None:
+        """The YAML this spec was read from (None when built in code)."""
+        return self._path
+
+    def dit_config(self, **overrides: Any) -> DiTConfig:
+        return self.architecture.dit_config(**overrides)
+
+    def latent_size(self, size: str | tuple[int, int] | None = None) -> tuple[int, int]:
+        """(latent_height, latent_width) for a pixel size "WIDTHxHEIGHT" (or (width, height)); None: the YAML's."""
+        if size is None:
+            return self.video.latent_height, self.video.latent_width
+        parsed = parse_size(size) if isinstance(size, str) else (int(size[0]), int(size[1]))
+        if isinstance(parsed, int):
+            raise ValueError(f"the model's video size needs both sides, WIDTHxHEIGHT, got {size!r}")
+        width, height = parsed
+        _, sh, sw = self.video.vae_stride
+        _, ph, pw = self.architecture.patch_size
+        if height % (sh * ph) or width % (sw * pw):
+            raise ValueError(f"size {width}x{height} (WxH): width must be a multiple of {sw * pw} and height of "
+                             f"{sh * ph} (VAE stride x patch size)")
+        return height // sh, width // sw
+
+    def stream_config(self, latent: tuple[int, int] | None = None, dtype: torch.dtype | None = None,
+                      **overrides: Any):
+        """The `StreamConfig` this family runs with (latent size from the YAML unless given; fp32 by default)."""
+        import torch
+
+        from ..engine.prompts import Transition
+        from ..engine.stream import StreamConfig
+
+        s = self.stream
+        lh, lw = latent or (self.video.latent_height, self.video.latent_width)
+        values: dict[str, Any] = dict(
+            policy=s.policy, policy_settings=dict(s.policy_settings), sampler=s.sampler, schedule=s.schedule,
+            steps=tuple(s.steps), warp_steps=s.warp_steps, shift=s.shift, context_noise=s.context_noise,
+            chunk_frames=s.chunk_frames, transition=Transition(**s.transition.model_dump()),
+            dtype=dtype or torch.float32)
+        values.update(overrides)
+        return StreamConfig(lh, lw, **values)
+
+    def fed_timesteps(self) -> list[float]:
+        """The float timesteps the DiT is called with (after warping), spec §b.2."""
+        from ..sampling.schedule import FlowSchedule
+
+        return FlowSchedule(self.stream.shift).step_list([float(s) for s in self.stream.steps], self.stream.warp_steps)
+
+    def file_specs(self, decoder: str | None = "vae") -> list[tuple[str, FileSpec, bool]]:
+        """(role, spec, required) for every file.
+
+        decoder "vae" / "taehv": that decoder's file is required, the other optional; "preview": neither
+        (no trained decoder); None: the YAML's `optional` flags.
+        """
+        if decoder is not None and decoder not in (*DECODERS, "preview"):
+            raise ValueError(f"unknown decoder {decoder!r}; known: {', '.join(DECODERS)}, preview")
+        f = self.files
+        out: list[tuple[str, FileSpec, bool]] = [("dit", f.dit, not f.dit.optional)]
+        if f.lora is not None:
+            out.append(("lora", f.lora, not f.lora.optional))
+        out += [("text_encoder", f.text_encoder, not f.text_encoder.optional),
+                ("tokenizer", f.tokenizer, not f.tokenizer.optional),
+                ("vae", f.vae, decoder == "vae" or (decoder is None and not f.vae.optional))]
+        if f.taehv is not None:
+            out.append(("taehv", f.taehv, decoder == "taehv" or (decoder is None and not f.taehv.optional)))
+        elif decoder == "taehv":
+            raise ValueError(f"family {self.name!r} declares no files.taehv; it cannot use the TAEHV decoder")
+        return out
+
+
+def _construct(cls: type, config: Mapping[str, Any]) -> Any:
+    """cls(**config) with a missing or wrongly typed argument reported as a validation error."""
+    try:
+        return cls(**config)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _known_fields(config: Mapping[str, Any], cls: type) -> None:
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; known: {sorted(known)}")
+
+
+def build_policy(name: str, settings: Mapping[str, Any]):
+    """`make_policy` with every policy module registered (deep_sink_pc lives in cache/compression.py)."""
+    from ..cache.policy import make_policy
+
+    try:
+        from ..cache import compression  # noqa: F401  (registers deep_sink_pc)
+    except ImportError as exc:
+        if name == "deep_sink_pc":
+            raise ValueError("policy 'deep_sink_pc' is unavailable: streamgen.cache.compression does not import "
+                             f"({exc})") from None
+    return make_policy(name, **dict(settings))
+
+
+def parse_size(text: str) -> int | tuple[int, int]:
+    """`--size`, one grammar for every command: "WxH" pixels -> (W, H), or "N" (the longer side) -> N."""
+    parts = text.strip().lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        raise ValueError(f"expected a pixel size WIDTHxHEIGHT such as 832x480 (or N, the longer side), got {text!r}")
+    nums = [int(p) for p in parts]
+    if min(nums) <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return nums[0] if len(nums) == 1 else (nums[0], nums[1])
+
+
+def config_dir() -> Path:
+    """The folder holding the family YAMLs: ``$STREAMGEN_CONFIGS/models`` or the package's ``configs/models``."""
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) / "models" if env else Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def family_files(directory: str | Path | None = None) -> dict[str, Path]:
+    """{family name (file stem): YAML path}, sorted by name."""
+    folder = Path(directory) if directory is not None else config_dir()
+    if not folder.is_dir():
+        raise FamilyConfigError(
+            f"no model family configs at {folder}: set {CONFIG_ENV} to a folder that holds models/*.yaml")
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def _format_validation(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid model family config ({exc.error_count()} error{'s' * (exc.error_count() > 1)}):"]
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_family_file(path: str | Path) -> FamilySpec:
+    """Read and validate one family YAML; any problem raises FamilyConfigError naming the file and field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise FamilyConfigError(f"{path}: cannot read model family config: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise FamilyConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise FamilyConfigError(f"{path}: a model family config is a mapping, got {type(data).__name__}")
+    try:
+        spec = FamilySpec.model_validate(data)
+    except ValidationError as exc:
+        raise FamilyConfigError(_format_validation(path, exc)) from None
+    if spec.name != path.stem:
+        raise FamilyConfigError(f"{path}: name: {spec.name!r} must equal the file name {path.stem!r}")
+    spec._path = path
+    return spec
+
+
+def load_family_config(name: str | Path | FamilySpec, directory: str | Path | None = None) -> FamilySpec:
+    """A family by registry name, or by the path of a YAML file (e.g. a private family)."""
+    if isinstance(name, FamilySpec):
+        return name
+    text = str(name)
+    if text.endswith((".yaml", ".yml")) or os.sep in text:
+        return load_family_file(text)
+    files = family_files(directory)
+    if text not in files:
+        raise FamilyConfigError(f"unknown model family {text!r}; known: {', '.join(files) or '(none)'} "
+                                f"(configs in {Path(directory) if directory else config_dir()})")
+    return load_family_file(files[text])
+
+
+def load_all(directory: str | Path | None = None) -> tuple[list[FamilySpec], list[str]]:
+    """Every valid family and the error message of every invalid YAML."""
+    specs, errors = [], []
+    for path in family_files(directory).values():
+        try:
+            specs.append(load_family_file(path))
+        except FamilyConfigError as exc:
+            errors.append(str(exc))
+    return specs, errors
+
+
+def reduced_architecture(spec: FamilySpec, layers: int | None = None, dim: int | None = None,
+                         heads: int | None = None, ffn_dim: int | None = None) -> DiTConfig:
+    """The family's DiTConfig with fewer layers / a smaller width (CPU benchmarks).
+
+    A new `dim` keeps the head size (heads = dim / head_dim unless given) and the FFN ratio.
+    """
+    base = spec.dit_config()
+    changes: dict[str, Any] = {}
+    if layers is not None:
+        changes["num_layers"] = layers
+    if dim is not None:
+        changes["dim"] = dim
+        if heads is None:
+            if dim % base.head_dim:
+                raise ValueError(f"--dim {dim} is not a multiple of the head size {base.head_dim}; pass --heads")
+            heads = dim // base.head_dim
+        if ffn_dim is None:
+            ffn_dim = max(1, round(dim * base.ffn_dim / base.dim))
+    if heads is not None:
+        changes["num_heads"] = heads
+    if ffn_dim is not None:
+        changes["ffn_dim"] = ffn_dim
+    return spec.dit_config(**changes)
+
+
+def lora_targets(cfg: DiTConfig, modules: tuple[str, ...], strict: bool = True) -> dict[str, tuple[int, int]]:
+    """{block module path: (out, in)} of every LoRA target in every block."""
+    import torch
+
+    from ..models.dit import Block
+
+    with torch.device("meta"):
+        block = Block(cfg, 0)
+    linears = {name: tuple(m.weight.shape) for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [m for m in modules if m not in linears]
+    if unknown and strict:
+        raise ValueError(f"LoRA target modules {unknown} are not Linear layers of a block; known: {sorted(linears)}")
+    return {f"blocks.{i}.{m}": linears[m] for i in range(cfg.num_layers) for m in modules if m in linears}
