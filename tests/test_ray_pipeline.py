@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
-from typing import TypeVar
 
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
 
-from streamgen.backends.base import CapacityError  # noqa: E402
-from streamgen.backends.ray.pipeline import (  # noqa: E402
-    Pipeline,
-    PipelineConfig,
-    PipelineFrameStream,
-    StreamFailedError,
-    split_steps,
-)
+from streamgen.backends.base import CapacityError, StreamFailedError  # noqa: E402
+from streamgen.backends.ray.pipeline import Pipeline  # noqa: E402
+from streamgen.backends.ray.pipeline_config import PipelineConfig, split_steps  # noqa: E402
+from streamgen.backends.ray.pipeline_stream import PipelineFrameStream  # noqa: E402
 from streamgen.engine.stream import Stream  # noqa: E402
+
+from .hang_guard import returns  # noqa: E402
 
 CHUNKS = 8
 SWITCH = ("a blue whale swimming slowly", 15)  # latent frame 15 = chunk 5: a re-cache in every slot
@@ -40,21 +34,6 @@ def pipe(ray_cluster, tiny_bundle):
                                 recover_timeout_s=60, start_timeout_s=120), tiny_bundle.dit.cfg)
     yield p
     p.shutdown()
-
-
-T = TypeVar("T")
-
-
-def returns(call: Callable[[], T], hang_s: float) -> T:
-    """call()'s result or exception. A hang guard, not a speed check: it only stops a call that never
-    returns (the failure these tests are about) from blocking the suite."""
-    pool = ThreadPoolExecutor(1)
-    try:
-        return pool.submit(call).result(timeout=hang_s)
-    except FutureTimeout:
-        raise AssertionError(f"hung: no return within {hang_s:g} s") from None
-    finally:
-        pool.shutdown(wait=False)  # a hung call's thread is left behind, not waited for
 
 
 def local_chunks(tiny_bundle, overrides, prompt="a red fox running", switch=SWITCH, chunks=CHUNKS):

@@ -3,8 +3,6 @@ on worker actors equal the local stream; least-loaded placement with a memory bu
 killed worker move streams, which resume from driver-kept latents (re-cache) and report the stall."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -14,6 +12,8 @@ from streamgen.backends.base import CapacityError  # noqa: E402
 from streamgen.backends.ray.backend import RayBackend  # noqa: E402
 from streamgen.backends.ray.placement import PlacementConfig, capture, restore  # noqa: E402
 from streamgen.engine.frame_stream import FrameStream  # noqa: E402
+
+from .hang_guard import returns  # noqa: E402
 
 
 def placement_backend(tiny_bundle) -> RayBackend:
@@ -115,9 +115,7 @@ def test_killed_worker_is_replaced_and_its_streams_resume(backend) -> None:
         victim = a.worker
         others = [s for s in (a, b) if s.worker is victim]
         ray.kill(victim.actor)
-        t0 = time.perf_counter()
-        chunk = a.next()
-        assert time.perf_counter() - t0 < 30
+        chunk = returns(a.next, hang_s=120)
         assert chunk.index == 4 and chunk.stall is not None and a.stalls == 1
         assert torch.isfinite(chunk.latents).all()
         for s in others[1:]:

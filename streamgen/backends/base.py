@@ -14,6 +14,10 @@ class CapacityError(RuntimeError):
     """No room for another stream; the message is the reason given to the client."""
 
 
+class StreamFailedError(RuntimeError):
+    """A stream cannot continue (its actors died and could not be replaced, or a stage raised)."""
+
+
 class Backend(ABC):
     """Opens and closes frame streams of one model."""
 

@@ -90,12 +90,9 @@ def run_local(bundle, overrides: dict[str, Any], chunks: int, warmup: int, threa
 def run_pipeline(bundle, recipe, stages: int, sessions: int, chunks: int, warmup: int, overrides: dict[str, Any],
                  cpus_per_stage: float, threads: int, batched: bool = True) -> dict[str, Any]:
     """One pipeline with `stages` stages and `sessions` streams, each driven by its own thread."""
-    from ..backends.ray.pipeline import (
-        Pipeline,
-        PipelineConfig,
-        PipelineFrameStream,
-        split_steps,
-    )
+    from ..backends.ray.pipeline import Pipeline
+    from ..backends.ray.pipeline_config import PipelineConfig, split_steps
+    from ..backends.ray.pipeline_stream import PipelineFrameStream
 
     cfg = PipelineConfig(model=recipe, stages=stages, stage_resources={"num_cpus": cpus_per_stage}, threads=threads,
                          decoder_resources={"num_cpus": 0.05}, batched=batched, max_sessions=max(16, sessions))

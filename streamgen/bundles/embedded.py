@@ -20,7 +20,7 @@ from ..models.attention import SelfAttentionContext
 from ..models.config import DiTConfig
 from ..models.decoders import to_uint8
 from ..models.dit import WanDiT
-from ..world import FPS, NULL_TOKEN, VOCAB, VOCAB_SIZE, parse_prompt, prompt_tokens
+from ..world import FPS, NULL_TOKEN, VALUES, VOCAB, VOCAB_SIZE, parse_prompt, prompt_tokens
 from .bundle import ModelBundle
 
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "embedded.safetensors"
@@ -101,6 +101,10 @@ class VocabTextEncoder(nn.Module):
         parsed = parse_prompt(prompt)
         return {"understood": parsed.prompt.text(), "unknown_words": list(parsed.unknown_words),
                 "defaulted": list(parsed.defaulted)}
+
+    def vocabulary(self) -> dict[str, list[str]]:
+        """The words it knows, by attribute; any other word is ignored (docs/world.md)."""
+        return {attribute: list(words) for attribute, words in VALUES.items()}
 
     def null(self) -> Tensor:
         """The unconditional context (all NULL_TOKEN rows), [1, text_len, text_dim]."""

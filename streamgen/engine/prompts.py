@@ -4,7 +4,7 @@ embeddings over N chunks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -16,10 +16,23 @@ from ..lru import LRU
 class PromptEncoder(Protocol):
     """Turns prompt text into the DiT's context [1, text_len, text_dim] (padding rows zero).
 
-    An encoder may also offer `describe(prompt) -> dict` (e.g. words it ignored); the stream puts that
-    in the prompt's acknowledgement."""
+    An encoder may also offer `describe(prompt) -> dict` (e.g. words it ignored), which the stream puts
+    in the prompt's acknowledgement, and `vocabulary() -> dict[str, list[str]]` (the words it knows, for
+    encoders with a closed vocabulary), which the web page shows beside the prompt box."""
 
     def encode(self, prompt: str) -> Tensor: ...
+
+
+def describe_prompt(encoder: PromptEncoder, prompt: object) -> dict[str, Any]:
+    """How `encoder` understood `prompt` ({} when it cannot say, or the prompt is not text)."""
+    describe = getattr(encoder, "describe", None)
+    return describe(prompt) if describe is not None and isinstance(prompt, str) else {}
+
+
+def prompt_vocabulary(encoder: PromptEncoder) -> dict[str, list[str]] | None:
+    """The encoder's closed vocabulary by attribute, or None for an open-vocabulary encoder (umT5)."""
+    vocabulary = getattr(encoder, "vocabulary", None)
+    return vocabulary() if vocabulary is not None else None
 
 
 @dataclass(frozen=True)

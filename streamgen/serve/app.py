@@ -1,4 +1,4 @@
-"""HTTP routes: signaling (`POST /offer`), sessions, health, metrics, ICE servers, the web client.
+"""HTTP routes: signaling (`POST /offer`), sessions, the model, health, metrics, ICE servers, the web client.
 
 Every failure is a JSON `{"error": "<one line>"}` with a fitting status; nothing a client sends can
 take the server down (unexpected exceptions become a 500 for that request only).
@@ -11,6 +11,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from ..backends import Backend, CapacityError
+from ..engine.prompts import describe_prompt, prompt_vocabulary
 from ..errors import InputError
 from .config import ServeConfig
 from .errors import describe
@@ -84,7 +85,17 @@ async def get_session(request: web.Request) -> web.Response:
     session = request.app[MANAGER].get(request.match_info["sid"])
     if session is None:
         return error(404, f"no session {request.match_info['sid']!r}")
-    return web.json_response(session.describe())
+    view = session.describe()
+    encoder = request.app[BACKEND].bundle.text_encoder
+    return web.json_response({**view, "prompt_detail": describe_prompt(encoder, view["prompt"]) or None})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """What the page tells the user about the model: its name, rate and, for a closed-vocabulary model
+    (the embedded one), the words it knows — every other word of a prompt is ignored."""
+    bundle = request.app[BACKEND].bundle
+    return web.json_response({"name": bundle.name, "description": bundle.description, "fps": bundle.fps,
+                              "vocabulary": prompt_vocabulary(bundle.text_encoder)})
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -144,6 +155,7 @@ def create_app(config: ServeConfig, backend: Backend, manager: SessionManager, m
     app.router.add_post("/offer", post_offer)
     app.router.add_get("/sessions/{sid}", get_session)
     app.router.add_delete("/sessions/{sid}", delete_session)
+    app.router.add_get("/model", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ice-servers", get_ice_servers)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RayBackend", "PipelineConfig", "PlacementConfig", "StreamFailedError", "connect", "add_ray_arguments",
+__all__ = ["RayBackend", "PipelineConfig", "PlacementConfig", "connect", "add_ray_arguments",
            "backend_from_args", "make_backend", "ray_settings", "Pipeline", "PipelineFrameStream"]
 
-_WHERE = {"RayBackend": "backend", "PipelineConfig": "pipeline", "Pipeline": "pipeline", "PipelineFrameStream": "pipeline",
-          "StreamFailedError": "pipeline", "PlacementConfig": "placement",
+_WHERE = {"RayBackend": "backend", "PipelineConfig": "pipeline_config", "Pipeline": "pipeline",
+          "PipelineFrameStream": "pipeline_stream", "PlacementConfig": "placement",
           "connect": "cluster", "add_ray_arguments": "cluster", "backend_from_args": "cluster", "make_backend": "cluster", "ray_settings": "cluster"}
 
 

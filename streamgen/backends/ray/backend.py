@@ -17,7 +17,9 @@ from typing import Any
 
 from ..base import Backend, CapacityError
 from .cluster import connect
-from .pipeline import Pipeline, PipelineConfig, PipelineFrameStream
+from .pipeline import Pipeline
+from .pipeline_config import PipelineConfig
+from .pipeline_stream import PipelineFrameStream
 from .placement import PlacedFrameStream, Placement, PlacementConfig
 
 MODES = ("tpp", "placement")

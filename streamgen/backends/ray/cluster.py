@@ -81,7 +81,7 @@ def make_backend(bundle, backend: str = "local", *, max_streams: int = 4, schedu
     except ImportError:
         raise ValueError("--backend ray needs Ray: pip install 'streamgen[ray]'") from None
     from .backend import RayBackend
-    from .pipeline import PipelineConfig
+    from .pipeline_config import PipelineConfig
     from .placement import PlacementConfig
 
     if ray_cpus is None:  # fit the actors on the cluster's CPUs (at most one each) rather than wait forever

@@ -43,24 +43,28 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import ray
-import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from ...cache.policy import make_policy
-from ...engine.execution import Calls, ChunkInputs, Execution, Inputs, finished
-from ...engine.frame_stream import FrameChunk, FrameStream
-from ...engine.stream import Stream, StreamConfig
-from ..base import CapacityError
+from ...engine.execution import ChunkInputs
+from ...engine.stream import StreamConfig
+from ..base import CapacityError, StreamFailedError
+from .pipeline_config import (
+    PipelineConfig,
+    actor_options,
+    bundle_of,
+    slot_cache_bytes,
+    split_steps,
+)
 from .stage import DecoderActor, StageActor
 from .wire import (
-    BundleRecipe,
     ChunkStart,
     Rebuild,
     SessionSpec,
@@ -72,87 +76,6 @@ from .wire import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class StreamFailedError(RuntimeError):
-    """A stream cannot continue (its actors died and could not be replaced, or a stage raised)."""
-
-
-@dataclass
-class PipelineConfig:
-    """One timestep pipeline: stage count, steps per stage, resources per actor, budgets, timeouts.
-
-    Resources are Ray actor options (`num_cpus`, `num_gpus`, `memory`, `resources`); they also size
-    the placement group's bundles. `stage_steps` fixes which steps each stage owns for streams with
-    that many steps (e.g. [[0, 1, 2], [3]]); otherwise steps are split evenly, earlier stages taking
-    the remainder.
-    """
-
-    model: BundleRecipe = "tiny-random"
-    stages: int = 2
-    stage_steps: list[list[int]] | None = None
-    stage_resources: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1})
-    decoder_resources: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 0.1})
-    threads: int | None = None  # torch threads per actor (default: the actor's whole CPUs, at least 1)
-    device: str | None = None  # default: cuda when the actor got a GPU, else cpu
-    kv_budget_bytes: int = 2 * 1024**3  # per stage (all sessions' slot caches)
-    max_sessions: int = 16
-    batched: bool = True  # a stage runs all its work of a tick as one forward
-    strategy: str = "PACK"
-    tick_timeout_s: float = 30.0
-    ping_timeout_s: float = 5.0
-    start_timeout_s: float = 180.0
-    recover_timeout_s: float = 120.0
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if self.stages < 1:
-            raise ValueError(f"a pipeline needs at least one stage, got {self.stages}")
-        if self.stage_steps is not None and len(self.stage_steps) != self.stages:
-            raise ValueError(f"stage_steps lists {len(self.stage_steps)} stages, the pipeline has {self.stages}")
-
-
-def split_steps(num_steps: int, stages: int, explicit: list[list[int]] | None = None) -> list[list[int]]:
-    """Consecutive steps per stage: `explicit` when it covers 0..num_steps−1 in order, else even."""
-    if explicit is not None and [k for part in explicit for k in part] == list(range(num_steps)):
-        return [list(part) for part in explicit]
-    base, extra = divmod(num_steps, stages)
-    out, k = [], 0
-    for s in range(stages):
-        n = base + (1 if s < extra else 0)
-        out.append(list(range(k, k + n)))
-        k += n
-    return out
-
-
-def actor_options(resources: dict[str, Any]) -> dict[str, Any]:
-    known = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type")
-    unknown = set(resources) - set(known)
-    if unknown:
-        raise ValueError(f"unknown actor resource(s) {sorted(unknown)}; known: {', '.join(known)}")
-    return dict(resources)
-
-
-def bundle_of(resources: dict[str, Any]) -> dict[str, float]:
-    """A placement-group bundle for an actor with these options (Ray refuses all-zero bundles)."""
-    b = {"CPU": float(resources.get("num_cpus", 1))}
-    if resources.get("num_gpus"):
-        b["GPU"] = float(resources["num_gpus"])
-    if resources.get("memory"):
-        b["memory"] = float(resources["memory"])
-    b.update({k: float(v) for k, v in resources.get("resources", {}).items()})
-    if not any(v > 0 for v in b.values()):
-        b["CPU"] = 0.01
-    return b
-
-
-def slot_cache_bytes(config: StreamConfig, model_cfg) -> int:
-    """Bytes of one timestep slot's KV cache (what admission budgets)."""
-    policy = make_policy(config.policy, **config.policy_settings)
-    tokens = (config.latent_height // model_cfg.patch_size[1]) * (config.latent_width // model_cfg.patch_size[2])
-    itemsize = torch.empty((), dtype=config.dtype).element_size()
-    return 2 * model_cfg.num_layers * policy.capacity_frames * tokens * model_cfg.num_heads * model_cfg.head_dim * itemsize
-
 
 @dataclass
 class TickResult:
@@ -564,119 +487,3 @@ class Pipeline:
             remove_placement_group(self.pg)
         except Exception:
             pass
-
-
-# --- the Stream seam ---------------------------------------------------------------------------
-class _SamplerView:
-    """What `Stream` touches of an execution's sampler: a mid-stream change of the step values."""
-
-    def __init__(self, session: PipelineSession) -> None:
-        self._session = session
-
-    @property
-    def timesteps(self) -> list[float]:
-        return self._session.timesteps
-
-    @timesteps.setter
-    def timesteps(self, value: list[float]) -> None:
-        self._session.timesteps = list(value)
-        self._session.timesteps_dirty = True
-
-
-class PipelineExecution(Execution):
-    """`Execution` of a timestep-slot stream whose slots live in pipeline stages (the Stream seam).
-
-    Like the in-process batched execution, every tick starts one chunk (so `inputs(j)` is called at
-    the same points) and returns when a chunk leaves the last step.
-    """
-
-    def __init__(self, pipeline: Pipeline, stream: Stream) -> None:
-        cfg = stream.config
-        if cfg.sampler != "few_step" or cfg.schedule != "timestep-slot":
-            raise ValueError("the timestep pipeline runs few-step streams with schedule 'timestep-slot'")
-        super().__init__(stream.denoiser, [], cfg.chunk_frames)
-        self.pipeline = pipeline
-        self.session = pipeline.admit(cfg, list(stream.timesteps))
-        self.sampler = _SamplerView(self.session)
-        self.frames: dict[int, Tensor] = {}
-        self._stall_seen = 0
-
-    @property
-    def kv_bytes(self) -> int:
-        return sum(self.session.kv_bytes)
-
-    def chunk(self, inputs: Inputs) -> Calls[tuple[int, Tensor]]:
-        return (yield from finished(self.next_chunk(inputs)))
-
-    def next_chunk(self, inputs: Inputs) -> tuple[int, Tensor]:
-        sess = self.session
-        while True:
-            with sess.lock:  # after a rewind, the chunks already started are fed again first
-                start = None
-                if not sess.feed:
-                    j = self.started
-                    self.started += 1
-                    start = sess.register(j, inputs(j))
-            result = self.pipeline.run(sess, start)
-            if result.chunk is not None:
-                self.frames[result.chunk] = result.frames
-                return result.chunk, result.latents
-
-    def take_stall(self) -> dict[str, Any] | None:
-        new = self.session.stalls[self._stall_seen:]
-        self._stall_seen = len(self.session.stalls)
-        if not new:
-            return None
-        return {"events": len(new), "recovery_s": sum(e["recovery_s"] for e in new), "reason": new[-1]["reason"],
-                "replaced": sorted({r for e in new for r in e["replaced"]})}
-
-    def close(self) -> None:
-        self.pipeline.close_session(self.session)
-
-
-class PipelineFrameStream(FrameStream):
-    """A FrameStream whose chunks are computed by a timestep pipeline and decoded by its decoder actor.
-
-    The driver-side `Stream` keeps the prompt timeline, controls, acks and noise counters unchanged;
-    only its execution is remote. `stalls` counts recoveries this stream went through.
-    """
-
-    def __init__(self, pipeline: Pipeline, bundle, prompt: str | Tensor, overrides: dict[str, Any] | None = None) -> None:
-        overrides = dict(overrides or {})
-        if overrides.get("schedule", "timestep-slot") != "timestep-slot":
-            raise ValueError("the ray 'tpp' backend runs schedule 'timestep-slot' (each stage owns denoising steps); "
-                             "use mode 'placement' for exact streams")
-        config = replace(bundle.stream, **{**overrides, "schedule": "timestep-slot"})
-        self.bundle = bundle
-        self.pipeline = pipeline
-        self.execution: PipelineExecution | None = None
-        self.stream = Stream(bundle.dit, bundle.text_encoder, config, prompt, execution_factory=self._execution)
-        self._video = bundle.decoder().video_frame  # index mapping only; decoding happens in the decoder actor
-        self.fps = bundle.fps
-        self.stalls = 0
-        self.closed = False
-
-    def _execution(self, stream: Stream) -> PipelineExecution:
-        if self.execution is not None:  # a reset: the old slots go, fresh ones come
-            self.execution.close()
-        self.execution = PipelineExecution(self.pipeline, stream)
-        return self.execution
-
-    def next(self) -> FrameChunk:
-        if self.closed:
-            raise StreamFailedError("stream is closed")
-        chunk = self.stream.next_chunk()
-        assert self.execution is not None
-        frames = self.execution.frames.pop(chunk.index)
-        stall = self.execution.take_stall()
-        if stall:
-            self.stalls += stall["events"]
-        video = self._video
-        acks = [replace(a, frame=video(a.frame)) for a in chunk.acks]
-        return FrameChunk(chunk.index, video(chunk.first_frame), frames, chunk.latents, acks, stall)
-
-
-    def close(self) -> None:
-        if not self.closed and self.execution is not None:
-            self.execution.close()
-        self.closed = True

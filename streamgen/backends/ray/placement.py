@@ -31,7 +31,8 @@ from ...engine.execution import ExactExecution, RecentFrames
 from ...engine.frame_stream import FrameChunk, FrameStream
 from ...engine.prompts import Transition
 from ...engine.stream import Stream, StreamConfig, Tag
-from .pipeline import StreamFailedError, actor_options, slot_cache_bytes
+from ..base import CapacityError, StreamFailedError
+from .pipeline_config import actor_options, slot_cache_bytes
 from .rebuild import fill_recent, rebuild_cache
 from .stage import _device
 from .wire import BundleRecipe, build_bundle, pack, unpack
@@ -251,8 +252,6 @@ class Placement:
                 state = ", ".join(f"worker {w.index}: {len(w.sessions)} streams, {w.used_bytes / 2**20:.1f} of "
                                   f"{cfg.memory_budget_bytes / 2**20:.1f} MiB{' (draining)' if w.draining else ''}"
                                   for w in self.workers)
-                from ..base import CapacityError
-
                 raise CapacityError(f"no worker has room for a stream needing {need / 2**20:.1f} MiB of KV ({state})")
             return min(fits, key=lambda w: (w.used_bytes / cfg.memory_budget_bytes, len(w.sessions), w.index))
 

@@ -1,8 +1,11 @@
 // streamgen web client: one live stream over WebRTC, controlled through the `control` data channel.
 //
 // Signaling (same origin): GET /ice-servers, POST /offer {sdp, type, prompt?, session_id?} → {sdp, type,
-// session_id}, DELETE /sessions/{id}. Control messages (JSON, each with an `id` echoed in its reply):
-// prompt / params / pause / resume / reset; the server answers ack {of, frame, id} or error {message},
+// session_id}, GET /sessions/{id} (its prompt and how the model understood it), DELETE /sessions/{id};
+// GET /model says which words a closed-vocabulary model (the embedded one) knows. Control messages (JSON, each with an `id` echoed in its reply):
+// prompt / params / pause / resume / reset; the server answers ack {of, frame, id, detail?} or error
+// {message} (a prompt's ack detail: understood, unknown_words, defaulted — shown as a warning when words
+// were ignored),
 // and sends stats {fps, latency_ms, frame, queue_depth, paused} about once a second, and stall {frame,
 // reason, recovery_s, replaced} when the server recovered from a fault (e.g. a Ray stage replaced).
 //
@@ -16,13 +19,15 @@ const ui = {
   paused: $("paused-badge"), stall: $("stall"), form: $("prompt-form"), prompt: $("prompt"), send: $("send"),
   chunks: $("blend-chunks"), interp: $("blend-interp"), connect: $("connect"), disconnect: $("disconnect"),
   pause: $("pause"), resume: $("resume"), reset: $("reset"), token: $("token"), codec: $("codec"),
-  log: $("log"), clearLog: $("clear-log"),
+  log: $("log"), clearLog: $("clear-log"), promptHelp: $("prompt-help"), vocabulary: $("vocabulary"),
+  settings: $("settings"),
 };
 const stat = Object.fromEntries([...ui.stats.querySelectorAll("[data-stat]")].map((el) => [el.dataset.stat, el]));
 
 const KEY_SESSION = "streamgen.session";
 const KEY_TOKEN = "streamgen.token";
 const LOG_LIMIT = 300;
+const LOG_PROMPT_CHARS = 80; // a prompt quoted in the log is cut to this many characters
 const RECONNECT_DELAYS_MS = [300, 700, 1500, 2500, 4000]; // then every 4 s, until RECONNECT_GIVE_UP_MS
 const RECONNECT_GIVE_UP_MS = 60_000;
 const DISCONNECTED_GRACE_MS = 2500; // ICE "disconnected" this long counts as a drop
@@ -50,8 +55,18 @@ const state = {
 };
 
 // --- logging & status ---------------------------------------------------------------------------
+/** Add a line to the event log; the same line again (a burst of refusals) bumps a ×N count instead. */
 function log(kind, text) {
+  const last = ui.log.lastElementChild;
+  if (last && last.className === kind && last.dataset.text === text) {
+    last.dataset.count = String(Number(last.dataset.count) + 1);
+    last.querySelector("span").textContent = `${text} ×${last.dataset.count}`;
+    last.querySelector("time").textContent = new Date().toTimeString().slice(0, 8);
+    return;
+  }
   const item = document.createElement("li");
+  item.dataset.text = text;
+  item.dataset.count = "1";
   item.className = kind;
   const time = document.createElement("time");
   time.textContent = new Date().toTimeString().slice(0, 8);
@@ -61,6 +76,11 @@ function log(kind, text) {
   ui.log.append(item);
   while (ui.log.childElementCount > LOG_LIMIT) ui.log.firstElementChild.remove();
   ui.log.scrollTop = ui.log.scrollHeight;
+}
+
+/** A prompt as quoted in the log: at most LOG_PROMPT_CHARS characters. */
+function quote(text) {
+  return `“${text.length > LOG_PROMPT_CHARS ? text.slice(0, LOG_PROMPT_CHARS - 1) + "…" : text}”`;
 }
 
 const PHASE_TEXT = { idle: "Not connected", connecting: "Connecting…", live: "Live", reconnecting: "Reconnecting…" };
@@ -73,9 +93,9 @@ function setPhase(phase) {
   const open = state.channel?.readyState === "open";
   ui.connect.disabled = phase !== "idle";
   ui.disconnect.disabled = phase === "idle";
-  for (const b of [ui.pause, ui.resume, ui.reset]) b.disabled = !open;
-  if (open && state.stats) syncPauseButtons(state.stats.paused);
-  ui.stats.hidden = phase === "idle";
+  ui.reset.disabled = !open;
+  syncPauseButtons(Boolean(state.stats?.paused)); // until the first stats message: a stream runs unpaused
+  ui.stats.hidden = phase === "idle" || phase === "reconnecting";
   if (phase === "idle") ui.paused.hidden = ui.stall.hidden = true;
 }
 
@@ -202,9 +222,39 @@ async function connect({ fallbackToNew = true } = {}) {
   if (state.pc !== pc) return;
   rememberSession(answer.session_id);
   if (resuming) log("info", `resumed session ${answer.session_id.slice(0, 8)}`);
-  else log("info", `session ${answer.session_id.slice(0, 8)} started` + (body.prompt ? ` with “${body.prompt}”` : ""));
+  else log("info", `session ${answer.session_id.slice(0, 8)} started` + (body.prompt ? ` with ${quote(body.prompt)}` : ""));
   await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
   setPhase(state.phase); // refresh the session id in the status line
+  showActivePrompt(answer.session_id, resuming);
+}
+
+/** Say which prompt the stream runs and how the model understood it (a resumed stream keeps its own). */
+async function showActivePrompt(sid, resuming) {
+  let view;
+  try {
+    view = await api("GET", `/sessions/${encodeURIComponent(sid)}`);
+  } catch {
+    return; // the session ended meanwhile: the connection handlers say so
+  }
+  if (!view.prompt) return;
+  if (resuming && !ui.prompt.value.trim()) ui.prompt.value = view.prompt;
+  const detail = view.prompt_detail;
+  if (!detail) return log("info", `active prompt ${quote(view.prompt)}`);
+  logUnderstood("active prompt", view.prompt, detail, "");
+}
+
+/** A prompt as the model understood it: ✓ when every word counted, a warning naming the ignored words. */
+function logUnderstood(what, text, detail, tail) {
+  const as = detail.understood && detail.understood !== text.trim().toLowerCase() ? ` as ${quote(detail.understood)}` : "";
+  const unknown = detail.unknown_words ?? [];
+  const defaulted = detail.defaulted ?? [];
+  if (!unknown.length) {
+    const fill = defaulted.length ? ` (default ${defaulted.join(", ")})` : "";
+    return log("ack", `✓ ${what} ${quote(text)}${tail}${as}${fill}`);
+  }
+  const fill = defaulted.length ? `; ${defaulted.join(", ")} left at the default` : "";
+  log("warn", `⚠ ${what} ${quote(text)}${tail}${as}: the model does not know ${unknown.map((w) => `“${w}”`).join(", ")}` +
+    ` (ignored)${fill}`);
 }
 
 function wire(pc, channel) {
@@ -239,8 +289,12 @@ function teardown() {
   state.pc = state.channel = null;
   clearTimeout(state.disconnectedTimer);
   clearInterval(state.statsTimer);
-  for (const entry of state.pending.values()) log("warn", `no reply to ${entry.type} (connection closed)`);
+  if (!state.userClosed) {
+    for (const entry of state.pending.values()) log("warn", `no reply to ${entry.type} (connection closed)`);
+  }
   state.pending.clear();
+  state.stats = null; // the next connection's stats replace these; until then show none, not stale ones
+  for (const el of Object.values(stat)) el.textContent = "–";
   try { channel?.close(); } catch { /* already closed */ }
   try { pc?.close(); } catch { /* already closed */ }
 }
@@ -274,6 +328,10 @@ function dropped(reason, retryAfterS = 0) {
 
 function fail(err) {
   log("error", err.status ? `server refused (${err.status}): ${err.message}` : err.message);
+  if (err.status === 401) {
+    ui.settings.open = true;
+    log("info", "this server needs an access token: enter it under Connection settings, then Connect");
+  }
   teardown();
   stop();
 }
@@ -337,11 +395,15 @@ function handleMessage(raw) {
   const entry = state.pending.get(message.id);
   state.pending.delete(message.id);
   const ms = entry ? ` (${Math.round(performance.now() - entry.sent)} ms)` : "";
-  const what = entry?.text ? `${message.of ?? entry.type} “${entry.text}”` : message.of ?? entry?.type ?? "message";
+  const what = entry?.text ? `${message.of ?? entry.type} ${quote(entry.text)}` : message.of ?? entry?.type ?? "message";
   if (message.type === "ack") {
     state.acks.push({ ...message, ms: entry ? performance.now() - entry.sent : null, text: entry?.text ?? null });
     const at = message.of === "pause" ? "held at frame" : "applied at frame";
-    log("ack", `✓ ${what} ${at} ${message.frame}${ms}`);
+    if (message.of === "prompt" && entry?.text && message.detail?.understood) {
+      logUnderstood("prompt", entry.text, message.detail, ` ${at} ${message.frame}${ms}`);
+    } else {
+      log("ack", `✓ ${what} ${at} ${message.frame}${ms}`);
+    }
     if (message.of === "pause") syncPauseButtons(true);
     if (message.of === "resume") syncPauseButtons(false);
   } else if (message.type === "error") {
@@ -451,6 +513,24 @@ ui.token.addEventListener("change", () => {
 ui.video.addEventListener("playing", () => { ui.placeholder.hidden = true; });
 countPresentedFrames();
 setPhase("idle");
+showModel();
+
+/** For a closed-vocabulary model, name the words it knows under the prompt box (others are ignored). */
+async function showModel() {
+  let model;
+  try {
+    model = await api("GET", "/model");
+  } catch {
+    return; // a token is needed first, or the server is away: the page works without the hint
+  }
+  const words = model.vocabulary;
+  if (!words) return;
+  const example = [words.colour?.[0], words.shape?.[1], words.direction?.[0]].filter(Boolean);
+  if (example.length === 3) ui.prompt.placeholder = `e.g. a ${example[0]} ${example[1]} moving ${example[2]}, press Enter`;
+  ui.vocabulary.textContent = `${model.name} knows only these words — ` +
+    Object.entries(words).map(([kind, list]) => `${kind}: ${list.join(", ")}`).join("; ") + ". Other words are ignored.";
+  ui.vocabulary.hidden = false;
+}
 
 // A reload within the server's grace period picks the same stream back up.
 if (state.sessionId) {
