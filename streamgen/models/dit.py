@@ -113,11 +113,15 @@ class Block(nn.Module):
         x = x + (per_frame(y) * gate_a).flatten(1, 2).type_as(x)
 
         ca = self.cross_attn
-        q = ca.split(ca.norm_q(ca.q(self.norm3(x))))
+        q = ca.split(ca.norm_q(ca.q(self.cross_input(x))))
         x = x + ca.o(attention(q, *cross).flatten(2))
 
         h = (per_frame(self.norm2(x)) * (1 + scale_f) + shift_f).flatten(1, 2).type_as(x)
         return x + (per_frame(self.ffn(h)) * gate_f).flatten(1, 2).type_as(x)
+
+    def cross_input(self, x: Tensor) -> Tensor:
+        """The cross-attention query input; a seam because the S2V model rounds it through bf16 first."""
+        return self.norm3(x)
 
 
 class Head(nn.Module):
@@ -137,6 +141,8 @@ class Head(nn.Module):
 class WanDiT(nn.Module):
     """Chunk-causal Wan2.1 DiT: [B, C, F, H, W] latents + per-frame timesteps [B, F] -> flow."""
 
+    block_class: type[Block] = Block  # a seam: the S2V model swaps in its block
+
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -144,7 +150,7 @@ class WanDiT(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(self.block_class(cfg, i) for i in range(cfg.num_layers))
         self.head = Head(cfg)
         self.rope = Rope3D(cfg.head_dim, cfg.rope_theta, cfg.rope_max_frames)
 
@@ -159,11 +165,15 @@ class WanDiT(nn.Module):
         emb = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
         return [block.cross_attn.kv(emb) for block in self.blocks]
 
+    def embed_time(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-frame timesteps [B, F] -> e [B·F, dim] (head) and e0 [B, F, 6, dim] (block modulation)."""
+        e = self.time_embedding(timestep_sinusoid(t.flatten(), self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
+        return e, self.time_projection(e).unflatten(1, (6, self.cfg.dim)).unflatten(0, t.shape)
+
     def forward(self, x: Tensor, t: Tensor, cross: CrossKV, attn: SelfAttentionContext) -> Tensor:
         grid = self.token_grid(x)
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)
-        e = self.time_embedding(timestep_sinusoid(t.flatten(), self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
-        e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim)).unflatten(0, t.shape)
+        e, e0 = self.embed_time(t)
         for block in self.blocks:
             tokens = block(tokens, e0, grid, cross[block.index], attn)
         out = self.head(tokens, e.unflatten(0, t.shape), grid.frames)

@@ -14,6 +14,13 @@ def axis_frequencies(axis_dim: int, theta: float) -> Tensor:
     return 1.0 / torch.pow(theta, torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
 
 
+def rotate(x: Tensor, phases: Tensor) -> Tensor:
+    """x [B, L, heads, head_dim] times complex phases [L, 1, head_dim/2], in float64, back to x's dtype."""
+    b, length, heads, dim = x.shape
+    z = torch.view_as_complex(x.to(torch.float64).reshape(b, length, heads, dim // 2, 2))
+    return torch.view_as_real(z * phases.to(x.device)).flatten(3).to(x.dtype)
+
+
 class Rope3D:
     """Rotates [B, L, heads, head_dim] tensors whose L tokens form a (frames, h, w) grid."""
 
@@ -49,10 +56,7 @@ class Rope3D:
     def apply(self, x: Tensor, frames: Tensor | range, height: int, width: int) -> Tensor:
         """Rotate x [B, L, heads, head_dim]; token frames given by `frames` (one entry per frame)."""
         frames = torch.as_tensor(list(frames) if isinstance(frames, range) else frames)
-        b, length, heads, dim = x.shape
-        z = torch.view_as_complex(x.to(torch.float64).reshape(b, length, heads, dim // 2, 2))
-        out = torch.view_as_real(z * self.phases(frames, height, width).to(x.device)).flatten(3)
-        return out.to(x.dtype)
+        return rotate(x, self.phases(frames, height, width))
 
     def shift_time_(self, x: Tensor, delta: int) -> None:
         """Move already-roped keys [B, L, heads, head_dim] by `delta` frames in place.

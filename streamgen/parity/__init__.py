@@ -21,6 +21,7 @@ RUNNERS = {
     "wan_vae": "wan_vae",
     "umt5": "umt5",
     "taehv": "taehv",
+    "live_avatar": "live_avatar",
 }
 
 
