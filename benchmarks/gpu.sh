@@ -12,10 +12,10 @@ if ! python3 -c "import streamgen" 2>/dev/null; then
     python3 -m pip install -q -e . >/dev/null
 fi
 if [ "${SMOKE:-0}" = 1 ]; then  # the same commands on the CPU at a toy size: checks the script, not the GPU
-    common=(--model wan2.1-t2v-1.3b --random-weights --size 208x128 --layers 1 --chunks "${CHUNKS:-2}" --device cpu --dtype fp32)
+    common=(--model wan2.1-t2v-1.3b --size 208x128 --layers 1 --chunks "${CHUNKS:-2}" --device cpu --dtype fp32)
 else
     # a bounded window (LongLive's), so any chunk count fits; steady figures are chunks 10 and later
-    common=(--model wan2.1-t2v-1.3b --random-weights --size 832x480 --chunks "${CHUNKS:-24}" --device cuda --dtype bf16
+    common=(--model wan2.1-t2v-1.3b --size 832x480 --chunks "${CHUNKS:-24}" --device cuda --dtype bf16
             --policy window_sink)
 fi
 python3 - <<'PY'
@@ -27,10 +27,10 @@ run() {  # name, extra flags
     echo "== $name"
     timeout 110 streamgen bench engine "${common[@]}" "$@" --quiet --out "$out/gpu-$name.json" || echo "!! $name failed ($?)"
 }
-run taehv --decode taehv
-run vae --decode vae
-run taehv-compile --decode taehv --compile
-run dit-only-compile --decode none --compile
+run taehv --decoder taehv
+run vae --decoder vae
+run taehv-compile --decoder taehv --compile
+run dit-only-compile --decoder none --compile
 python3 - "$out" <<'PY'
 import json, pathlib, sys
 rows = []

@@ -8,7 +8,19 @@ from typing import Any
 
 import yaml
 
+from .argparsing import CommandParser
 from .bench.results import parse_hw
+from .names import SAMPLERS, SCHEDULES
+
+SERVE_DESCRIPTION = """Serve live streams over WebRTC: each browser or client session gets its own stream of the model,
+prompts change live over a JSON control channel (HTTP signaling; the browser client is served at /)."""
+
+SERVE_EXAMPLES = """examples:
+  streamgen serve                                   # the embedded model on http://127.0.0.1:8080
+  streamgen serve --model tiny-random --port 0      # a random-weight model on a free port
+  streamgen serve --model self-forcing --model-dir ~/models/self-forcing --dtype bf16
+  STREAMGEN_TOKEN=secret streamgen serve --host 0.0.0.0 --max-sessions 8
+  streamgen client http://127.0.0.1:8080 --prompt "a red circle moving right" --seconds 5"""
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -21,7 +33,7 @@ def _setting(text: str) -> tuple[str, Any]:
 def cmd_verify_fixture(args: argparse.Namespace) -> int:
     from .parity import verify_fixture
 
-    status = 0
+    status, reports = 0, []
     for path in args.dirs:
         try:
             report = verify_fixture(path, atol=args.atol, rtol=args.rtol)
@@ -30,7 +42,12 @@ def cmd_verify_fixture(args: argparse.Namespace) -> int:
             status = 2
             continue
         print(report.render())
+        reports.append(report)
         status = status or (0 if report.passed else 1)
+    rows = [row for report in reports for row in report.rows]
+    worst = max((diff for _, diff, _ in rows), default=0.0)
+    print(f"{len(reports)}/{len(args.dirs)} folders ran, {sum(ok for *_, ok in rows)}/{len(rows)} outputs passed, "
+          f"max |Δ| {worst:.1e}")
     return status
 
 
@@ -38,12 +55,12 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     from .bench import engine
     from .bench.results import save_result
     from .bench.setup import bench_setup_from_args
-    from .bundles.options import precision_settings
+    from .bundles.options import bundle_settings
     from .engine.stream import StreamConfig
     from .models.config import DiTConfig
 
-    precision = precision_settings(args)
-    setup = bench_setup_from_args(args)  # --model NAME --random-weights: that family's real architecture and settings
+    precision = {k: v for k, v in bundle_settings(args).items() if k != "decoder"}  # the decoder: bench_decoder
+    setup = bench_setup_from_args(args)  # --model NAME: that family's real architecture and settings
     if setup is not None:
         model, stream = setup
     else:
@@ -71,12 +88,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from .backends.ray.cluster import ray_settings
-    from .bundles.options import precision_settings
+    from .jobs.cli import serve_jobs_settings
+    from .bundles.options import bundle_settings
     from .serve.config import ServeConfig
     from .serve.limits import check_exposure, read_token
     from .serve.server import serve_forever
 
-    precision = precision_settings(args)
+    precision = bundle_settings(args)
     try:
         token = read_token(args.token_file)
         check_exposure(args.host, token)
@@ -90,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_sessions_per_ip=args.max_sessions_per_ip, token=token, ice_servers=args.ice_server,
                          display_size=args.display_size, codec=args.codec, bitrate=args.bitrate, grace_s=args.grace,
                          threads=args.threads, backend=args.backend, scheduler=args.scheduler,
-                         ray=ray_settings(args) if args.backend == "ray" else {},
+                         recordings_dir=args.recordings_dir, ray=ray_settings(args) if args.backend == "ray" else {}, **serve_jobs_settings(args),
                          **{k: v for k, v in given.items() if v is not None})
     try:
         asyncio.run(serve_forever(config))
@@ -112,16 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .backends.names import SCHEDULERS
     from .backends.ray.cluster import add_ray_arguments
     from .bench.setup import add_bench_model_options
+    from .bundles.family import BUNDLE_DECODERS
     from .bundles.models_cli import add_models_parser
-    from .bundles.options import add_precision_arguments
+    from .bundles.options import add_bundle_arguments
+    from .datadir import user_data_dir
 
-    parser = argparse.ArgumentParser(prog="streamgen", description=__doc__)
+    parser = CommandParser(prog="streamgen", description=__doc__)  # every subcommand's parser is one too
     sub = parser.add_subparsers(dest="command", required=True)
 
     verify = sub.add_parser("verify-fixture", help="run golden fixture folders and compare every output")
-    verify.add_argument("dirs", nargs="+", type=Path)
-    verify.add_argument("--atol", type=float, default=1e-4)
-    verify.add_argument("--rtol", type=float, default=1e-4)
+    verify.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
+                        help="fixture folders (each with meta.json and its inputs / expected outputs)")
+    verify.add_argument("--atol", type=float, default=1e-4,
+                        help="absolute tolerance of every compared output (default: %(default)g)")
+    verify.add_argument("--rtol", type=float, default=1e-4,
+                        help="relative tolerance of every compared output (default: %(default)g)")
     verify.set_defaults(func=cmd_verify_fixture)
 
     bench = sub.add_parser("bench", help="benchmarks that print and save JSON figures")
@@ -129,12 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     eng = bench_sub.add_parser("engine", help="one stream on a random-weight DiT: latency, fps, KV bytes, flatness")
     eng.add_argument("--policy", help="cache policy (default ema_sink; rolling_anchor for --sampler rolling)")
     eng.add_argument("--policy-setting", type=_setting, action="append", default=[], metavar="KEY=VALUE")
-    eng.add_argument("--sampler", help="few_step | rolling (default few_step; with --model the family's)")
-    eng.add_argument("--schedule", help="exact | timestep-slot (default exact)")
+    eng.add_argument("--sampler", choices=SAMPLERS, help="default few_step; with --model the family's")
+    eng.add_argument("--schedule", choices=SCHEDULES, help="default exact; with --model the family's")
     eng.add_argument("--unbatched", action="store_true", help="timestep-slot: run slots one by one")
     eng.add_argument("--steps", type=float, nargs="+")
     eng.add_argument("--chunks", type=int, default=1011)
-    eng.add_argument("--threads", type=int)
+    eng.add_argument("--threads", type=int, help="torch threads (default: the cores idle at start)")
     eng.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the DiT and the decoder run (default cpu)")
     eng.add_argument("--dim", type=int, help="DiT width (default 128; with --model the family's, or reduced keeping head size)")
     eng.add_argument("--ffn-dim", type=int)
@@ -145,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--out", type=Path)
     eng.add_argument("--quiet", action="store_true")
     add_bench_model_options(eng)
-    add_precision_arguments(eng)
+    add_bundle_arguments(eng, decoders=(*BUNDLE_DECODERS, "none"), default_decoder="vae")
     eng.set_defaults(func=cmd_bench_engine)
 
     from .bench.pipeline import add_pipeline_bench_parser
@@ -165,14 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
-    serve = sub.add_parser("serve", help="serve live streams over WebRTC (HTTP signaling, JSON control channel)")
+    serve = sub.add_parser("serve", help="serve live streams over WebRTC (HTTP signaling, JSON control channel)",
+                           description=SERVE_DESCRIPTION, epilog=SERVE_EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     serve.add_argument("--model", help="built-in bundle or model family (default: the bundle registry's default)")
     serve.add_argument("--model-dir", help="local files of a model family (see `streamgen models show NAME`)")
     serve.add_argument("--prompt", help="prompt for sessions whose offer carries none")
-    serve.add_argument("--max-sessions", type=int, default=4)
-    serve.add_argument("--max-sessions-per-ip", type=int, default=2)
+    serve.add_argument("--max-sessions", type=int, default=4,
+                       help="live sessions at once; more are refused with HTTP 503 (default: %(default)s)")
+    serve.add_argument("--max-sessions-per-ip", type=int, default=2,
+                       help="live sessions one client address may hold (default: %(default)s)")
     serve.add_argument("--token-file", metavar="FILE",
                        help="require 'Authorization: Bearer TOKEN' on the API, TOKEN being the file's first line "
                             "(default: $STREAMGEN_TOKEN if set, else no token; a non-loopback --host requires one)")
@@ -182,22 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--codec", choices=["vp8", "h264"], default="vp8", help="preferred video codec")
     serve.add_argument("--bitrate", type=int, help="video bits/s (default from size and fps)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds a dropped session waits for a reconnect")
-    serve.add_argument("--threads", type=int, help="torch threads (default: every core for the engine loop; "
-                                                   "cores / max sessions with --scheduler threads)")
+    serve.add_argument("--recordings-dir", type=Path, default=user_data_dir("recordings"), metavar="DIR",
+                       help="where POST /sessions/ID/recording writes (default %(default)s)")
+    serve.add_argument("--threads", type=int, help="torch threads (default: the cores idle at start for the engine loop; "
+                                                   "that / max sessions with --scheduler threads)")
     serve.add_argument("--scheduler", choices=SCHEDULERS, default="engine",
                        help="local backend: 'engine' (default) runs every session's DiT calls in one loop, batched; "
                             "'threads' gives each session its own generation thread")
-    add_precision_arguments(serve)
+    add_bundle_arguments(serve)
     add_ray_arguments(serve)
+    from .jobs.cli import add_jobs_parser, add_serve_jobs_arguments
+
+    add_serve_jobs_arguments(serve)
+    add_jobs_parser(sub)
     serve.set_defaults(func=cmd_serve)
 
-    client = sub.add_parser("client", help="watch a served stream: prompts on a schedule, acks, timing, MP4")
-    client.add_argument("url", help="server, e.g. http://127.0.0.1:8080")
-    client.add_argument("--prompt", help="initial prompt (default: the server's)")
-    client.add_argument("--seconds", type=float, default=10.0, help="how long to watch")
-    client.add_argument("--schedule", default="", help='prompt changes, e.g. "3:a blue square,6:a green circle"')
-    client.add_argument("-o", "--out", help="record the received video to this MP4 file")
-    client.add_argument("--token", help="bearer token, when the server has one")
+    from streamgen_client.cli import (
+        add_arguments as add_client_arguments,  # argparse only: no aiortc
+    )
+
+    client = sub.add_parser("client", help="watch a served stream: prompt changes at set times, acks, timing, MP4")
+    add_client_arguments(client)
     client.set_defaults(func=cmd_client)
     return parser
 

@@ -49,3 +49,11 @@ def ray_cluster(one_thread):
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_cluster) -> str:
+    """The GCS address of the fixture's cluster: what `--ray-address` joins."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address

@@ -61,9 +61,10 @@ def test_the_page_names_the_known_words_and_warns_about_ignored_ones(env: Env, t
             await page.screenshot(tmp_path / "idle-with-vocabulary.png")
             await page.js(f"document.getElementById('prompt').value = {json.dumps(KNOWN)}")
             await page.js("document.getElementById('connect').click()")
-            await page.wait_for("document.getElementById('log').innerText.includes('active prompt')", 15, "the active prompt")
-            await page.type_and_enter("#prompt", UNKNOWN)
+            phase = await page.js("streamgen.phase")
+            await page.type_and_enter("#prompt", UNKNOWN)  # typed while connecting: sent once the channel opens
             await page.wait_for("streamgen.acks.some(a => a.of === 'prompt')", 15, "the prompt's ack")
+            await page.wait_for("document.getElementById('log').innerText.includes('active prompt')", 15, "the active prompt")
             ack = next(a for a in await page.js("streamgen.acks") if a["of"] == "prompt")
             long_prompt = "a blue circle moving up " + "very " * 95
             await page.type_and_enter("#prompt", long_prompt)
@@ -72,9 +73,11 @@ def test_the_page_names_the_known_words_and_warns_about_ignored_ones(env: Env, t
             items = await log_items(page)
         finally:
             await end(env, page)
-        return hint, placeholder, ack, long_prompt, items
+        return hint, placeholder, phase, ack, long_prompt, items
 
-    hint, placeholder, ack, long_prompt, items = env.run(main())
+    hint, placeholder, phase, ack, long_prompt, items = env.run(main())
+    assert phase == "connecting"
+    assert not [i for i in items if "not sent" in i["text"]], items
     print(f"\nscreenshots in {tmp_path}")
     assert hint == ("embedded knows only these words — colour: red, green, blue, yellow, white, cyan, magenta; "
                     "shape: circle, square, triangle; direction: left, right, up, down. Other words are ignored.")

@@ -32,9 +32,14 @@ def test_unknown_policy_is_a_clear_error(capsys) -> None:
 
 def test_verify_fixture_exit_codes(tmp_path, capsys) -> None:
     assert main(["verify-fixture", "tests/fixtures/self_forcing"]) == 0
-    assert "PASS" in capsys.readouterr().out
-    assert main(["verify-fixture", str(tmp_path)]) == 2
-    assert "not a fixture folder" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    passed = out.count("\n  ok ")
+    assert "PASS" in out and passed > 0
+    assert out.splitlines()[-1].startswith(f"1/1 folders ran, {passed}/{passed} outputs passed, max |Δ| "), out
+    assert main(["verify-fixture", "tests/fixtures/self_forcing", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "not a fixture folder" in captured.err
+    assert captured.out.splitlines()[-1].startswith(f"1/2 folders ran, {passed}/{passed} outputs passed"), captured.out
 
 
 @pytest.mark.parametrize("schedule", ["exact", "timestep-slot"])
@@ -64,12 +69,12 @@ def test_real_family_needs_a_checked_model_dir(tmp_path, capsys) -> None:
 
 
 def test_bench_engine_real_architecture_with_decode(tmp_path) -> None:
-    """`--model … --random-weights` runs DiT + decoder end to end and reports time to first frame."""
+    """`--model …` runs DiT + decoder end to end and reports time to first frame."""
     import json
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "engine", "--model", "wan2.1-t2v-1.3b", "--random-weights", "--size", "32x32", "--layers", "1",
-                 "--dim", "128", "--chunks", "2", "--decode", "taehv", "--quiet", "--out", str(out)]) == 0
+    assert main(["bench", "engine", "--model", "wan2.1-t2v-1.3b", "--size", "32x32", "--layers", "1",
+                 "--dim", "128", "--chunks", "2", "--decoder", "taehv", "--quiet", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["video_frames_decoded"] == 9 + 12  # 1 + 4·2 frames for the first chunk, 12 for the next
     assert result["time_to_first_frame_s"] > 0 and result["decode_ms_p50"] > 0

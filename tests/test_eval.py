@@ -1,4 +1,4 @@
-"""`streamgen eval` (streamgen/evaluation/cli.py): end to end on a tiny random-init embedded model
+"""`streamgen eval` (streamgen/evaluation/): end to end on a tiny random-init embedded model
 (JSON + Markdown, one row per policy × schedule, switch latency, long stream), the ground-truth path
 scored at 100% through the same reporting code, and clear errors. A few seconds on one thread."""
 from __future__ import annotations
@@ -9,16 +9,11 @@ import pytest
 import torch
 
 from streamgen.bundles.embedded import EmbeddedModel, save_weights
-from streamgen.evaluation.cli import (
-    SWITCH_KINDS,
-    WorldSource,
-    evaluate_source,
-    main,
-    parse_policy,
-    prompt_items,
-    switch_items,
-    write_outputs,
-)
+from streamgen.evaluation.cli import main
+from streamgen.evaluation.plan import SWITCH_KINDS, parse_policy, prompt_items, switch_items
+from streamgen.evaluation.report import write_outputs
+from streamgen.evaluation.run import evaluate_source
+from streamgen.evaluation.sources import WorldSource
 from streamgen.models.config import DiTConfig
 
 TINY = DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=16, text_len=4, num_heads=2, num_layers=2,

@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 from streamgen_client import StreamClient  # noqa: E402  (path set up by test_serve)
-from streamgen_client.cli import parse_schedule  # noqa: E402
+from streamgen_client.cli import parse_prompts_at  # noqa: E402
 
 from .test_serve import ROOT, Reference, assert_in_order, fresh_frames, fresh_steps, run, serving, until
 
@@ -103,14 +103,14 @@ def test_reconnect_within_grace_resumes_the_same_stream() -> None:
     assert len(moved) >= 8 and abs(np.mean(moved) - 1) < 0.25
 
 
-def test_client_command_follows_a_schedule(tmp_path: Path) -> None:
+def test_client_command_changes_prompts_at_set_times(tmp_path: Path) -> None:
     out = tmp_path / "cli.mp4"
 
     async def main() -> str:
         async with serving() as server:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "streamgen.cli", "client", server.url, "--prompt", "a red fox", "--seconds", "2.5",
-                "--schedule", "1:a blue square, with stripes,1.5:a green circle", "-o", str(out), cwd=ROOT,
+                "--prompts-at", "1:a blue square, with stripes,1.5:a green circle", "-o", str(out), cwd=ROOT,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
             text = (await asyncio.wait_for(proc.communicate(), 40))[0].decode()
             assert proc.returncode == 0, text
@@ -121,9 +121,26 @@ def test_client_command_follows_a_schedule(tmp_path: Path) -> None:
     assert out.stat().st_size > 0
 
 
-def test_parse_schedule() -> None:
-    assert parse_schedule("3:a blue square,6:a green circle") == [(3.0, "a blue square"), (6.0, "a green circle")]
-    assert parse_schedule("6: late, with comma , 1.5:early") == [(1.5, "early"), (6.0, "late, with comma")]
-    assert parse_schedule("") == []
+def test_client_command_warns_about_words_the_model_ignores() -> None:
+    async def main() -> str:
+        async with serving(model="embedded") as server:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "streamgen.cli", "client", server.url, "--prompt", "a red gizmo", "--seconds", "2",
+                "--prompts-at", "0.5:a blue square dancing wildly", cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            text = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
+            assert proc.returncode == 0, text
+            return text
+
+    warnings = [line for line in run(main()).splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: prompt 'a red gizmo': the model ignores 'gizmo'; understood as 'a red circle moving right'",
+                        "warning: prompt 'a blue square dancing wildly': the model ignores 'dancing', 'wildly'; "
+                        "understood as 'a blue square moving right'"], warnings
+
+
+def test_parse_prompts_at() -> None:
+    assert parse_prompts_at("3:a blue square,6:a green circle") == [(3.0, "a blue square"), (6.0, "a green circle")]
+    assert parse_prompts_at("6: late, with comma , 1.5:early") == [(1.5, "early"), (6.0, "late, with comma")]
+    assert parse_prompts_at("") == []
     with pytest.raises(ValueError, match="SECONDS:PROMPT"):
-        parse_schedule("soon:a cat")
+        parse_prompts_at("soon:a cat")

@@ -30,7 +30,7 @@ from .test_browser import (  # noqa: E402
     until,
     video_progress,
 )
-from .test_ray_e2e import RAY, SlotReference, ray_address  # noqa: E402, F401  (ray_address: the fixture)
+from .test_ray_e2e import RAY, SlotReference  # noqa: E402
 
 SIZE = 32  # tiny-random frames are 32×32, shown at 256×256
 

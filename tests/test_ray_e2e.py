@@ -33,12 +33,6 @@ from .test_serve import (  # sets up the client's path
 RAY = {"ray_mode": "tpp", "ray_stages": 2, "ray_cpus": 0.5, "ray_kv_budget_gb": 0.5}
 
 
-@pytest.fixture(scope="module")
-def ray_address(ray_cluster) -> str:
-    """The GCS address of the fixture's cluster: what `--ray-address` joins."""
-    return ray.get_runtime_context().gcs_address
-
-
 class SlotReference(Reference):
     """The frames a Ray tpp stream makes: the in-process stream with schedule timestep-slot; the prompt
     switch lands where the server acknowledged it (`at_frame`), as the pipeline applies it."""

@@ -18,7 +18,7 @@ ray = pytest.importorskip("ray")
 
 from streamgen_client.cli import run as run_client_command  # noqa: E402  (path set up by test_serve)
 
-from .test_ray_e2e import RAY, ray_address  # noqa: E402, F401  (ray_address: the fixture)
+from .test_ray_e2e import RAY  # noqa: E402
 from .test_serve import StreamClient, frames_for, get, run, serving, until  # noqa: E402
 
 WATCH_S = 30.0  # how long the `streamgen client` viewer watches: the kill, the recovery and the frames after

@@ -411,12 +411,15 @@ def test_random_weights_bundle_reads_no_files(tmp_path: Path) -> None:
         load_family(tiny_family(tmp_path), random_weights=True, size="40x48")
 
 
-def test_bench_bundle_builds_the_real_architecture_reduced() -> None:
-    from streamgen.bundles.real import bench_bundle
+def test_a_reduced_real_architecture_streams_with_random_weights() -> None:
+    from streamgen.bundles.family import load_family_config, reduced_architecture
+    from streamgen.bundles.real import load_family
     from streamgen.engine.stream import Stream
     from streamgen.models.random_text import RandomTextEncoder
 
-    bundle = bench_bundle("wan2.1-t2v-1.3b", size="832x480", layers=1, dim=128, decoder="preview")
+    spec = load_family_config("wan2.1-t2v-1.3b")
+    reduced = reduced_architecture(spec, layers=1, dim=128)
+    bundle = load_family(spec, random_weights=True, size="832x480", decoder="preview", architecture=reduced)
     cfg = bundle.dit.cfg
     assert (cfg.num_layers, cfg.dim, cfg.num_heads, cfg.head_dim, cfg.text_dim, cfg.text_len) == (1, 128, 1, 128, 4096, 512)
     assert isinstance(bundle.text_encoder.inner, RandomTextEncoder)
@@ -425,7 +428,34 @@ def test_bench_bundle_builds_the_real_architecture_reduced() -> None:
     latents = Stream(bundle.dit, bundle.text_encoder, bundle.stream, "a fox").next_chunk().latents
     assert latents.shape == (1, 3, 16, 60, 104)
     with pytest.raises(ValueError, match="random_weights"):
-        bench_bundle("wan2.1-t2v-1.3b", random_weights=False, layers=1, model_dir="/nonexistent")
+        load_family(spec, "/nonexistent", architecture=reduced)
+
+
+def test_decoder_is_chosen_by_one_flag_on_serve_render_and_bench(tmp_path: Path) -> None:
+    """`--decoder vae|taehv|preview` means the same on every command and reaches `load_bundle`, which loads
+    that decoder from the family's files (TAEHV, the real-time one, included)."""
+    from streamgen.bundles.bundle import BundleSpec, load_bundle
+    from streamgen.bundles.options import bundle_settings
+    from streamgen.cli import build_parser
+    from streamgen.models.decoders import LatentPreviewDecoder, TAEHVFrames, WanVAEFrames
+
+    parser = build_parser()
+    for argv in (["serve", "--decoder", "taehv"], ["render", "--prompt", "x", "--decoder", "taehv"]):
+        assert bundle_settings(parser.parse_args(argv)) == {"decoder": "taehv"}
+    assert "decoder" not in bundle_settings(parser.parse_args(["serve"]))  # the model's own
+    assert parser.parse_args(["bench", "engine", "--decoder", "none"]).decoder == "none"  # bench only: no decode
+    with pytest.raises(SystemExit):
+        parser.parse_args(["render", "--prompt", "x", "--decoder", "none"])
+
+    yaml_path, d = tiny_family(tmp_path / "configs"), tiny_model_dir(tmp_path, with_tokenizer=True)
+    kinds = {kind: type(load_bundle(str(yaml_path), str(d), decoder=kind).decoder())
+             for kind in (None, "vae", "taehv", "preview")}
+    assert kinds == {None: WanVAEFrames, "vae": WanVAEFrames, "taehv": TAEHVFrames, "preview": LatentPreviewDecoder}
+    assert load_bundle(str(yaml_path), str(d), decoder="taehv").spec.decoder == "taehv"  # Ray actors load the same
+    with pytest.raises(ValueError, match="unknown decoder 'jpeg'"):
+        BundleSpec("embedded", decoder="jpeg")
+    with pytest.raises(ValueError, match="'embedded' is built in and decodes with its own decoder"):
+        load_bundle("embedded", decoder="taehv")
 
 
 # ------------------------------------------------------------------------------- bench engine args
@@ -450,16 +480,16 @@ def _bench_parser() -> argparse.ArgumentParser:
 def test_bench_engine_setup_from_args() -> None:
     p = _bench_parser()
     assert bench_setup_from_args(p.parse_args([])) is None
-    args = p.parse_args("--model wan2.1-t2v-1.3b --random-weights --size 832x480 --layers 2 --chunks 7".split())
+    args = p.parse_args("--model wan2.1-t2v-1.3b --size 832x480 --layers 2 --chunks 7".split())
     model, stream = bench_setup_from_args(args)
     assert (model.num_layers, model.dim, model.text_dim, model.text_len) == (2, 1536, 4096, 512)
     assert (stream.latent_height, stream.latent_width, stream.policy, stream.steps) == (60, 104, "full",
                                                                                       (1000, 750, 500, 250))
     with pytest.raises(ValueError, match="--chunks 7, or a bounded policy"):
-        bench_setup_from_args(p.parse_args("--model wan2.1-t2v-1.3b --random-weights".split()))
-    with pytest.raises(ValueError, match="--random-weights"):
         bench_setup_from_args(p.parse_args("--model wan2.1-t2v-1.3b".split()))
-    args = p.parse_args("--model wan2.1-t2v-1.3b --random-weights --policy window_sink --policy-setting "
+    with pytest.raises(SystemExit):  # bench engine always builds random weights: no flag says so
+        p.parse_args("--model wan2.1-t2v-1.3b --random-weights".split())
+    args = p.parse_args("--model wan2.1-t2v-1.3b --policy window_sink --policy-setting "
                         "capacity_frames=21 --policy-setting sink_frames=3 --dim 256".split())
     model, stream = bench_setup_from_args(args)
     assert (model.dim, model.num_heads, model.num_layers) == (256, 2, 30)

@@ -109,7 +109,7 @@ def test_timeline_switch_lands_at_chunk_boundary(tmp_path, tiny_bundle, schedule
     # 0.5 s = video frame 8 = latent frame 8 → the first chunk starting at or after it: chunk 3, frame 9
     s = result.switches[1]
     assert (s.video_frame, s.latent_frame, s.chunk, s.landed) == (8, 8, 3, 9)
-    assert switched.shape == single.shape == (1, 18, 16, 8, 8)  # 16 frames → 6 chunks of 3
+    assert switched.shape == single.shape == (1, 16, 16, 8, 8)  # 16 frames (6 chunks of 3, the last trimmed)
     assert torch.equal(switched[:, :9], single[:, :9])
     assert (switched[:, 9:] - single[:, 9:]).abs().amax(dim=(0, 2, 3, 4)).min() > 1e-3  # every frame after differs
 
@@ -121,7 +121,7 @@ def test_timeline_cli_latents_file(tmp_path, tiny_bundle, capsys):
     lat = tmp_path / "story.safetensors"
     assert render_cli("--timeline", str(tl), "--seconds", "1", "--seed", "7", "--latents-out", str(lat), "--quiet") == 0
     latents, meta = load_latents(lat)
-    assert latents.shape == (1, 18, 16, 8, 8) and latents.dtype == torch.float32
+    assert latents.shape == (1, 16, 16, 8, 8) and latents.dtype == torch.float32  # the 16 frames written
     assert meta["model"] == MODEL and meta["seed"] == "7" and meta["frames"] == "16" and meta["schedule"] == "exact"
     assert parse_timeline(meta["timeline"], fmt="json") == [
         TimelineEntry(0.0, "a red fox", None, 1, 0),

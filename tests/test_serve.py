@@ -426,6 +426,9 @@ def test_late_track_drops_stale_frames_instead_of_lagging() -> None:
             self.last = frame
             self.sent.append((frame.index, new, dropped))
 
+        def on_packet(self, packet: int, encoder: object) -> None:  # what a recording would keep
+            pass
+
     class Encoder:
         def encode(self, image: np.ndarray, tick: int) -> int:
             return tick

@@ -40,3 +40,22 @@ def test_sessions_opened_and_dropped_leave_nothing_behind() -> None:
             assert engine.stats()["ticks"] > 0
 
     run(main(), timeout=300)
+
+
+def test_stopping_the_server_closes_every_peer_and_stream() -> None:
+    async def main() -> None:
+        async with serving(max_sessions=2) as server:
+            clients = [StreamClient(server.url, prompt=f"a red circle {i}") for i in range(2)]
+            for client in clients:
+                await client.connect()
+                await client.next_frame()
+            peers = [session.peer.pc for session in server.manager.sessions.values()]
+            backend = server.backend
+            assert len(peers) == 2 and all(pc.connectionState == "connected" for pc in peers)
+        assert all(pc.connectionState == "closed" for pc in peers), [pc.connectionState for pc in peers]
+        assert backend.stats()["streams"] == 0 and not backend.engine.requests
+        assert not _generation_threads()
+        for client in clients:
+            await client.close(delete=False)
+
+    run(main(), timeout=120)

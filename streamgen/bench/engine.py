@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..bundles.bundle import dtype_name, prepare_dit, resolve_dtype
 from ..bundles.real import ContextOnDevice
 from ..engine.stream import Stream, StreamConfig
+from ..engine.threads import default_threads
 from ..models.attention import pick_backend
 from ..models.config import DiTConfig
 from ..models.decoders import FrameDecoder
@@ -60,8 +61,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def run(bench: EngineBench, progress: bool = True) -> dict[str, Any]:
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
+    torch.set_num_threads(bench.threads or default_threads())
     torch.manual_seed(bench.seed)
     device = torch.device(bench.device)
     dtype = resolve_dtype(bench.dtype, device)

@@ -230,6 +230,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _bench_one(args: argparse.Namespace, scheduler: str) -> dict[str, Any]:
+    import torch
+
     from ..serve.config import ServeConfig
 
     loads = sorted(set(args.sessions))
@@ -250,7 +252,7 @@ async def _bench_one(args: argparse.Namespace, scheduler: str) -> dict[str, Any]
             "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                         "python": platform.python_version()},
             "server": ({"url": None, "model": server.config.model, "max_sessions": server.config.max_sessions,
-                        "torch_threads": server.config.torch_threads(), "codec": server.config.codec,
+                        "torch_threads": torch.get_num_threads(), "codec": server.config.codec,
                         "scheduler": server.config.scheduler,
                         "display_size": server.config.display_size, "in_process": True}
                        if server else {"url": url, "in_process": False}),

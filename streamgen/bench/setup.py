@@ -1,4 +1,4 @@
-"""`streamgen bench engine --model NAME --random-weights`: a family's real architecture with random weights."""
+"""`streamgen bench engine --model NAME`: a family's real architecture with random weights."""
 from __future__ import annotations
 
 import argparse
@@ -14,15 +14,11 @@ from ..bundles.family import (
 
 
 def add_bench_model_options(parser: argparse.ArgumentParser) -> None:
-    """`--model NAME --random-weights --size WxH` for `streamgen bench engine` (see `bench_setup_from_args`)."""
+    """`--model NAME --size WxH` for `streamgen bench engine` (see `bench_setup_from_args`)."""
     parser.add_argument("--model", help="model family / architecture from streamgen/configs/models (e.g. wan2.1-t2v-1.3b): "
-                                        "its real DiT dims and stream settings; --layers/--dim/--heads reduce it")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="with --model: random weights at the family's architecture, no files (required: the "
-                             "engine bench measures random-weight DiTs)")
+                                        "its real DiT dims and stream settings with random weights (no files are read); "
+                                        "--layers/--dim/--heads reduce it")
     parser.add_argument("--size", help="with --model: video size WIDTHxHEIGHT in pixels (default: the family's, 832x480)")
-    parser.add_argument("--decode", choices=("vae", "taehv", "none"), default="vae",
-                        help="with --model: decode every chunk (random-weight Wan VAE or TAEHV at real widths)")
 
 
 def bench_engine_setup(model: str | FamilySpec, size: str | None = None, *, layers: int | None = None,
@@ -63,13 +59,11 @@ def bench_engine_setup(model: str | FamilySpec, size: str | None = None, *, laye
 def bench_setup_from_args(args: argparse.Namespace):
     """(DiTConfig, StreamConfig) for `bench engine` when `--model` is given, else None.
 
-    Reads --model --random-weights --size and the existing --layers --dim --heads --ffn-dim --policy
+    Reads --model --size and the existing --layers --dim --heads --ffn-dim --policy
     --policy-setting --sampler --schedule --steps --unbatched --seed --chunks (None = the family's).
     """
     if getattr(args, "model", None) is None:
         return None
-    if not args.random_weights:
-        raise ValueError("bench engine builds its own random-weight DiT: with --model, pass --random-weights")
     return bench_engine_setup(
         args.model, args.size, layers=args.layers, dim=args.dim, heads=args.heads, ffn_dim=args.ffn_dim,
         policy=args.policy, policy_settings=dict(args.policy_setting), sampler=args.sampler, schedule=args.schedule,
@@ -77,11 +71,12 @@ def bench_setup_from_args(args: argparse.Namespace):
 
 
 def bench_decoder(args: argparse.Namespace):
-    """The frame-decoder factory `bench engine --model … --decode vae|taehv` measures (None: no decode)."""
-    if getattr(args, "model", None) is None or args.decode == "none":
+    """The frame-decoder factory `bench engine --model … --decoder vae|taehv|preview` measures, random
+    weights at the family's real widths (None: no decode, or no --model)."""
+    if getattr(args, "model", None) is None or args.decoder == "none":
         return None
     from ..bundles.bundle import resolve_dtype
     from ..bundles.real import random_decoder
 
     device = getattr(args, "device", "cpu")
-    return random_decoder(load_family_config(args.model), args.decode, device, dtype=resolve_dtype(args.dtype, device))
+    return random_decoder(load_family_config(args.model), args.decoder, device, dtype=resolve_dtype(args.dtype, device))

@@ -20,6 +20,8 @@ from ..models.dit import WanDiT
 from ..models.precision import COMPILE_MODES, DTYPE_CHOICES, QUANT_MODES
 from ..models.quant import quantize_dit
 from ..models.random_text import RandomTextEncoder
+from .builtins import BUILTINS, DEFAULT_MODEL
+from .family import BUNDLE_DECODERS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,22 +29,26 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class BundleSpec:
     """How to load a bundle: what Ray actors get instead of weights. `dtype` "auto" is bf16 on CUDA and
-    fp32 on the CPU; `load_bundle` records the dtype it resolved, so actors run what the driver runs."""
+    fp32 on the CPU; `load_bundle` records the dtype it resolved, so actors run what the driver runs.
+    `decoder` None: the model's own (a family's Wan VAE; a built-in's pixel or preview decoder)."""
 
     name: str
     model_dir: str | None = None
     dtype: str = "auto"
     quant: str = "none"
     compile: str = "none"  # none | inductor | cuda-graphs
+    decoder: str | None = None  # vae | taehv | preview, for model families
 
     def __post_init__(self) -> None:
         for what, value, known in (("dtype", self.dtype, DTYPE_CHOICES), ("quantization", self.quant, QUANT_MODES),
-                                   ("compile mode", self.compile, COMPILE_MODES)):
+                                   ("compile mode", self.compile, COMPILE_MODES),
+                                   ("decoder", self.decoder or BUNDLE_DECODERS[0], BUNDLE_DECODERS)):
             if value not in known:
                 raise ValueError(f"unknown {what} {value!r}; known: {', '.join(known)}")
 
     def load(self) -> ModelBundle:
-        return load_bundle(self.name, self.model_dir, dtype=self.dtype, quant=self.quant, compile=self.compile)
+        return load_bundle(self.name, self.model_dir, dtype=self.dtype, quant=self.quant, compile=self.compile,
+                           decoder=self.decoder)
 
 
 @dataclass
@@ -71,7 +77,7 @@ def tiny_random(seed: int = 0) -> ModelBundle:
         dit=dit,
         text_encoder=RandomTextEncoder(cfg.text_len, cfg.text_dim),
         decoder=lambda: LatentPreviewDecoder(cfg.in_dim, scale=4),
-        stream=StreamConfig(8, 8, policy="ema_sink"),
+        stream=BUILTINS["tiny-random"].stream_config(),
         fps=16.0,
         description="random-weight 2-layer Wan DiT, latent preview decoder (machinery only)",
     )
@@ -84,8 +90,7 @@ def embedded() -> ModelBundle:
     return embedded_bundle()
 
 
-BUNDLES: dict[str, Callable[[], ModelBundle]] = {"tiny-random": tiny_random, "embedded": embedded}
-DEFAULT_MODEL = "embedded"
+BUNDLES: dict[str, Callable[[], ModelBundle]] = {"tiny-random": tiny_random, "embedded": embedded}  # BUILTINS' order
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -128,15 +133,20 @@ def prepare_dit(dit: WanDiT, dtype: torch.dtype, quant: str = "none", compile: s
 
 
 def load_bundle(name: str = DEFAULT_MODEL, model_dir: str | None = None, *, dtype: str = "auto", quant: str = "none",
-                compile: str = "none") -> ModelBundle:
+                compile: str = "none", decoder: str | None = None) -> ModelBundle:
     """A built-in bundle by name, or a real model family (streamgen/configs/models/NAME.yaml, or a YAML path) from
     `model_dir`; a family's files are checked (names, keys, shapes) before anything is loaded.
 
     dtype / quant / compile: see `BundleSpec` and `prepare_dit`; built-in bundles stay on the CPU, families
-    load on CUDA when there is one. The returned bundle's `spec` records what was resolved."""
-    spec = BundleSpec(name, None if model_dir is None else str(model_dir), dtype, quant, compile)
+    load on CUDA when there is one. decoder: a family's frame decoder ("vae" exact, "taehv" real-time,
+    "preview" untrained; default vae); built-ins have their own. The returned bundle's `spec` records what
+    was resolved."""
+    spec = BundleSpec(name, None if model_dir is None else str(model_dir), dtype, quant, compile, decoder)
     require_cuda_for(compile)
     if name in BUNDLES and model_dir is None:
+        if decoder is not None:
+            raise ValueError(f"model {name!r} is built in and decodes with its own decoder; --decoder "
+                             f"({', '.join(BUNDLE_DECODERS)}) chooses the decoder of a model family")
         bundle = BUNDLES[name]()
         torch_dtype = resolve_dtype(dtype, next(bundle.dit.parameters()).device)
         bundle.stream = replace(bundle.stream, dtype=torch_dtype)
@@ -153,7 +163,7 @@ def load_bundle(name: str = DEFAULT_MODEL, model_dir: str | None = None, *, dtyp
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = resolve_dtype(dtype, device)
-        bundle = load_family(name, model_dir, device=device, dtype=torch_dtype)
+        bundle = load_family(name, model_dir, device=device, dtype=torch_dtype, decoder=decoder or BUNDLE_DECODERS[0])
     prepare_dit(bundle.dit, torch_dtype, quant, compile)
     bundle.spec = replace(spec, dtype=dtype_name(torch_dtype))
     return bundle

@@ -21,6 +21,7 @@ from ..models.config import DiTConfig
 from ..models.decoders import to_uint8
 from ..models.dit import WanDiT
 from ..world import FPS, NULL_TOKEN, VALUES, VOCAB, VOCAB_SIZE, parse_prompt, prompt_tokens
+from .builtins import BUILTINS
 from .bundle import ModelBundle
 
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "embedded.safetensors"
@@ -30,13 +31,8 @@ FORMAT = "streamgen-embedded-v1"
 EMBEDDED_DIT = DiTConfig(dim=128, ffn_dim=512, freq_dim=128, text_dim=64, text_len=4, num_heads=4, num_layers=4,
                          in_dim=3, out_dim=3, patch_size=(1, 4, 4))
 
-#: How it streams: chunks of 3 frames, 4 steps at σ = 1, 0.75, 0.5, 0.25 (unwarped: this model is not
-#: distilled, and a last step at σ = 0.625 leaves it blurry), clean rerun at t=0, a 9-frame sliding
-#: window with slot-relative RoPE (positions 0…8, the same as a 9-frame training clip), no sink.
-EMBEDDED_STREAM = StreamConfig(32, 32, policy="window_sink",
-                               policy_settings={"capacity_frames": 9, "sink_frames": 0, "rope": "relative"},
-                               steps=(1000, 750, 500, 250), warp_steps=False, shift=5.0, context_noise=0.0,
-                               chunk_frames=3)
+#: How it streams (see builtins.py).
+EMBEDDED_STREAM = BUILTINS["embedded"].stream_config()
 
 
 # --- latents ---------------------------------------------------------------------------------------

@@ -45,11 +45,12 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from ..models.config import DiTConfig
+from ..models.config import DiTConfig, TAEHVConfig, UMT5Config
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +64,8 @@ DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.
                         "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 
 
-DECODERS = ("vae", "taehv")
+DECODERS = ("vae", "taehv")  # the trained decoders a family's files may hold
+BUNDLE_DECODERS = (*DECODERS, "preview")  # what a family bundle can decode with ("preview": no files)
 
 
 class FamilyConfigError(ValueError):
@@ -72,6 +74,12 @@ class FamilyConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _builds(info: ValidationInfo) -> bool:
+    """Whether validation may build the torch objects some checks need (cache policy, StreamConfig, DiT
+    block): not when only listing, which then stays torch-free and quick (context {"build": False})."""
+    return (info.context or {}).get("build", True)
 
 
 class Architecture(_Strict):
@@ -160,12 +168,34 @@ class StreamSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _policy_exists(self) -> "StreamSpec":
+    def _policy_exists(self, info: ValidationInfo) -> "StreamSpec":
+        if not _builds(info):
+            return self
         try:
             build_policy(self.policy, self.policy_settings)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"policy {self.policy!r} with policy_settings {self.policy_settings}: {exc}") from None
         return self
+
+    def to_config(self, latent: tuple[int, int], dtype: torch.dtype | None = None, **overrides: Any):
+        """The `StreamConfig` of these settings at `latent` (height, width); fp32 unless `dtype`."""
+        import torch
+
+        from ..engine.prompts import Transition
+        from ..engine.stream import StreamConfig
+
+        values: dict[str, Any] = dict(
+            policy=self.policy, policy_settings=dict(self.policy_settings), sampler=self.sampler,
+            schedule=self.schedule, steps=tuple(self.steps), warp_steps=self.warp_steps, shift=self.shift,
+            context_noise=self.context_noise, chunk_frames=self.chunk_frames,
+            transition=Transition(**self.transition.model_dump()), dtype=dtype or torch.float32)
+        values.update(overrides)
+        return StreamConfig(*latent, **values)
+
+
+def stream_spec(**values: Any) -> StreamSpec:
+    """A `StreamSpec` from code, its policy checked later, when its `StreamConfig` is built (torch-free)."""
+    return StreamSpec.model_validate(values, context={"build": False})
 
 
 class FileSpec(_Strict):
@@ -223,8 +253,6 @@ class TextEncoderFile(FileSpec):
     @field_validator("config")
     @classmethod
     def _umt5(cls, config: dict[str, Any]) -> dict[str, Any]:
-        from ..models.umt5 import UMT5Config
-
         _known_fields(config, UMT5Config)
         _construct(UMT5Config, config)
         return config
@@ -253,8 +281,6 @@ class TAEHVFile(FileSpec):
     @field_validator("config")
     @classmethod
     def _taehv(cls, config: dict[str, Any]) -> dict[str, Any]:
-        from ..models.taehv import TAEHVConfig
-
         _known_fields(config, TAEHVConfig)
         _construct(TAEHVConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
         return config
@@ -284,7 +310,7 @@ class FamilySpec(_Strict):
     _path: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "FamilySpec":
+    def _cross_checks(self, info: ValidationInfo) -> "FamilySpec":
         arch, files = self.architecture, self.files
         if files.text_encoder.config.get("dim") != arch.text_dim:
             raise ValueError(f"files.text_encoder.config.dim {files.text_encoder.config.get('dim')} must equal "
@@ -292,6 +318,8 @@ class FamilySpec(_Strict):
         if files.vae.config.get("z_dim", 16) != arch.in_dim:
             raise ValueError(f"files.vae.config.z_dim {files.vae.config.get('z_dim', 16)} must equal "
                              f"architecture.in_dim {arch.in_dim}")
+        if not _builds(info):
+            return self
         if self.files.lora is not None:
             expected = lora_targets(arch.dit_config(), self.files.lora.target_modules, strict=False)
             if not expected:
@@ -327,20 +355,7 @@ class FamilySpec(_Strict):
     def stream_config(self, latent: tuple[int, int] | None = None, dtype: torch.dtype | None = None,
                       **overrides: Any):
         """The `StreamConfig` this family runs with (latent size from the YAML unless given; fp32 by default)."""
-        import torch
-
-        from ..engine.prompts import Transition
-        from ..engine.stream import StreamConfig
-
-        s = self.stream
-        lh, lw = latent or (self.video.latent_height, self.video.latent_width)
-        values: dict[str, Any] = dict(
-            policy=s.policy, policy_settings=dict(s.policy_settings), sampler=s.sampler, schedule=s.schedule,
-            steps=tuple(s.steps), warp_steps=s.warp_steps, shift=s.shift, context_noise=s.context_noise,
-            chunk_frames=s.chunk_frames, transition=Transition(**s.transition.model_dump()),
-            dtype=dtype or torch.float32)
-        values.update(overrides)
-        return StreamConfig(lh, lw, **values)
+        return self.stream.to_config(latent or (self.video.latent_height, self.video.latent_width), dtype, **overrides)
 
     def fed_timesteps(self) -> list[float]:
         """The float timesteps the DiT is called with (after warping), spec §b.2."""
@@ -435,7 +450,7 @@ def _format_validation(path: Path, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_family_file(path: str | Path) -> FamilySpec:
+def load_family_file(path: str | Path, build_checks: bool = True) -> FamilySpec:
     """Read and validate one family YAML; any problem raises FamilyConfigError naming the file and field."""
     path = Path(path)
     try:
@@ -447,7 +462,7 @@ def load_family_file(path: str | Path) -> FamilySpec:
     if not isinstance(data, dict):
         raise FamilyConfigError(f"{path}: a model family config is a mapping, got {type(data).__name__}")
     try:
-        spec = FamilySpec.model_validate(data)
+        spec = FamilySpec.model_validate(data, context={"build": build_checks})
     except ValidationError as exc:
         raise FamilyConfigError(_format_validation(path, exc)) from None
     if spec.name != path.stem:
@@ -470,12 +485,13 @@ def load_family_config(name: str | Path | FamilySpec, directory: str | Path | No
     return load_family_file(files[text])
 
 
-def load_all(directory: str | Path | None = None) -> tuple[list[FamilySpec], list[str]]:
-    """Every valid family and the error message of every invalid YAML."""
+def load_all(directory: str | Path | None = None, build_checks: bool = True) -> tuple[list[FamilySpec], list[str]]:
+    """Every valid family and the error message of every invalid YAML (`build_checks=False`: without
+    the checks that build torch objects, see `_builds`; `models list` is then quick)."""
     specs, errors = [], []
     for path in family_files(directory).values():
         try:
-            specs.append(load_family_file(path))
+            specs.append(load_family_file(path, build_checks))
         except FamilyConfigError as exc:
             errors.append(str(exc))
     return specs, errors

@@ -51,9 +51,7 @@ from .check import (
     taehv_config,
     vae_kwargs,
 )
-from .family import FamilySpec, load_family_config, reduced_architecture
-
-BUNDLE_DECODERS = ("vae", "taehv", "preview")
+from .family import BUNDLE_DECODERS, FamilySpec, load_family_config
 
 
 class ContextOnDevice:
@@ -125,22 +123,6 @@ def load_family(
         what = f"weights from {Path(model_dir)}"
     return ModelBundle(name=spec.name, dit=dit, text_encoder=text, decoder=frames, stream=stream,
                        fps=spec.video.fps, description=f"{spec.title}: {spec.description} ({what}; {dtype} on {device})")
-
-
-def bench_bundle(name: str | FamilySpec, size: str = "832x480", random_weights: bool = True,
-                 layers: int | None = None, dim: int | None = None, *, heads: int | None = None,
-                 ffn_dim: int | None = None, model_dir: str | Path | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 decoder: str = "vae", seed: int = 0) -> ModelBundle:
-    """The benchmark target: `name`'s real architecture at `size`, random weights by default.
-
-    `layers` / `dim` (/ `heads`, `ffn_dim`) shrink the DiT for CPU runs (head size and FFN ratio kept;
-    see `family.reduced_architecture`); they need random weights.
-    """
-    spec = load_family_config(name)
-    cfg = reduced_architecture(spec, layers=layers, dim=dim, heads=heads, ffn_dim=ffn_dim)
-    return load_family(spec, model_dir, device=device, dtype=dtype, decoder=decoder, random_weights=random_weights,
-                       size=size, seed=seed, architecture=cfg)
 
 
 # ------------------------------------------------------------------------------------------- DiT
@@ -257,4 +239,4 @@ def _load_decoder(spec: FamilySpec, kind: str, found: dict[str, Path | None], cf
     return _decoder_factory(kind, model, cfg.in_dim)
 
 
-__all__ = ["load_family", "bench_bundle", "load_dit", "read_weights", "ContextOnDevice"]
+__all__ = ["load_family", "load_dit", "read_weights", "ContextOnDevice"]

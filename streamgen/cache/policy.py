@@ -2,6 +2,7 @@
 RoPE positions keys and queries get. Policies are selected by name (`make_policy`)."""
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -53,4 +54,10 @@ def make_policy(name: str, **settings: Any) -> CachePolicy:
 
     if name not in CachePolicy.registry:
         raise ValueError(f"unknown cache policy {name!r}; known: {', '.join(sorted(CachePolicy.registry))}")
-    return CachePolicy.registry[name](**settings)
+    cls = CachePolicy.registry[name]
+    known = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:  # a ValueError naming the settings, not the constructor's TypeError
+        raise ValueError(f"unknown setting{'s' * (len(unknown) > 1)} {', '.join(unknown)} for cache policy {name!r}; "
+                         f"known: {', '.join(known)}")
+    return cls(**settings)

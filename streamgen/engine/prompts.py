@@ -24,9 +24,24 @@ class PromptEncoder(Protocol):
 
 
 def describe_prompt(encoder: PromptEncoder, prompt: object) -> dict[str, Any]:
-    """How `encoder` understood `prompt` ({} when it cannot say, or the prompt is not text)."""
+    """How `encoder` understood `prompt` ({} when it cannot say, or the prompt is not text); with a
+    `warning` line when it ignored words, which render, the client and the page show as it is."""
     describe = getattr(encoder, "describe", None)
-    return describe(prompt) if describe is not None and isinstance(prompt, str) else {}
+    if describe is None or not isinstance(prompt, str):
+        return {}
+    detail = describe(prompt)
+    if (warning := ignored_words_warning(detail, prompt)) is not None:
+        detail = {**detail, "warning": warning}
+    return detail
+
+
+def ignored_words_warning(detail: dict[str, Any], prompt: str) -> str | None:
+    """The one-line warning for a prompt some of whose words the model ignored (None when it used them all)."""
+    unknown = detail.get("unknown_words") or []
+    if not unknown:
+        return None
+    understood = f"; understood as {detail['understood']!r}" if detail.get("understood") else ""
+    return f"prompt {prompt!r}: the model ignores {', '.join(map(repr, unknown))}{understood}"
 
 
 def prompt_vocabulary(encoder: PromptEncoder) -> dict[str, list[str]] | None:

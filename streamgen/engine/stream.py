@@ -17,6 +17,7 @@ from ..cache.kv import KVCache
 from ..cache.policy import make_policy
 from ..errors import InputError
 from ..models.dit import WanDiT
+from ..names import SAMPLERS, SCHEDULES
 from ..sampling.denoiser import Denoiser
 from ..sampling.few_step import FewStepSampler
 from ..sampling.rolling import RollingSampler
@@ -31,10 +32,8 @@ from .execution import (
     drive,
 )
 from .noise import NoiseSource
-from .prompts import EmbeddingCache, PromptEncoder, PromptTimeline, Transition
+from .prompts import EmbeddingCache, PromptEncoder, PromptTimeline, Transition, describe_prompt
 
-SAMPLERS = ("few_step", "rolling")
-SCHEDULES = ("exact", "timestep-slot")
 PARAMS = ("seed", "steps", "transition")
 
 
@@ -233,8 +232,7 @@ class Stream:
                 prompt, transition = value
                 self.prompt = prompt
                 self.timeline.change(self.embed(prompt), transition, chunk)
-                describe = getattr(self.embed.encoder, "describe", None)
-                details = describe(prompt) if describe is not None and isinstance(prompt, str) else {}
+                details = describe_prompt(self.embed.encoder, prompt)
                 self._acks.append(Ack("prompt", frame, chunk, {"transition": transition.kind, **details}, control.tag))
             elif kind == "params":
                 old_steps = self.config.steps

@@ -49,6 +49,29 @@ def _format_list(title: str, items: list[str]) -> list[str]:
     return lines
 
 
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """A reader failure said by what the file is (its first bytes), not by the reader's internals:
+    a torch loader given a text file fails with e.g. "KeyError: 101", which names no problem."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        size = path.stat().st_size
+    except OSError as err:
+        return CheckpointError(f"cannot read checkpoint {path}: {err}")
+    if size == 0:
+        what = "an empty file"
+    elif path.suffix.lower() == ".safetensors":
+        what = "not a safetensors file, or a truncated one"
+    elif head == b"PK":
+        what = "a torch (zip) checkpoint that is truncated or damaged"
+    elif head[:1] == b"\x80":
+        what = "a legacy torch (pickle) checkpoint that is truncated, damaged or holds more than tensors"
+    else:
+        what = "not a torch checkpoint (neither a zip archive nor a pickle)"
+    detail = (str(exc).strip().splitlines() or [""])[0][:160]
+    return CheckpointError(f"cannot read checkpoint {path} ({size:,} bytes): {what} [{type(exc).__name__}: {detail}]")
+
+
 def read_tensors(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file into a dict without executing pickled code.
 
@@ -70,7 +93,7 @@ def read_tensors(path: str | Path) -> dict[str, Any]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise _unreadable(path, exc) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
@@ -278,7 +301,7 @@ def read_lazy(path: str | Path) -> Any:
             return torch.load(path, mmap=True, map_location="meta", weights_only=True)
         return torch.load(path, map_location="meta", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a problem with this file
-        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        raise _unreadable(path, exc) from None
 
 
 def pick_envelope(obj: Any, envelope: str | tuple[str, ...], where: str) -> tuple[dict[str, Any], str]:

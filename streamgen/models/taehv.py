@@ -11,16 +11,15 @@ checkpoints load with a strict load after one TGrow patch (see ``load_taehv_stat
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, check_state_dict, read_tensors
+from .config import TAEHVConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,65 +38,6 @@ __all__ = [
 # --- configuration -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TAEHVConfig:
-    """Constructor values of the reference ``TAEHV``; the defaults are the ``taew2_1`` ones."""
-
-    latent_channels: int = 16
-    image_channels: int = 3
-    patch_size: int = 1
-    encoder_width: int = 64
-    decoder_widths: tuple[int, int, int, int] = (256, 128, 64, 64)
-    encoder_time_downscale: tuple[bool, bool, bool] = (True, True, False)
-    decoder_time_upscale: tuple[bool, bool, bool] = (False, True, True)
-    decoder_space_upscale: tuple[bool, bool, bool] = (True, True, True)
-
-    def __post_init__(self) -> None:
-        if self.patch_size != 1:
-            raise ValueError(f"patch_size {self.patch_size} not supported (taew2_1 uses 1; taew2_2 is a different model)")
-        if len(self.decoder_widths) != 4:
-            raise ValueError(f"decoder_widths needs 4 entries (3 stages + output), got {self.decoder_widths}")
-        for name in ("encoder_time_downscale", "decoder_time_upscale", "decoder_space_upscale"):
-            if len(getattr(self, name)) != 3:
-                raise ValueError(f"{name} needs 3 entries (one per stage), got {getattr(self, name)}")
-
-    @property
-    def t_downscale(self) -> int:
-        return math.prod(2 if down else 1 for down in self.encoder_time_downscale)
-
-    @property
-    def t_upscale(self) -> int:
-        return math.prod(2 if up else 1 for up in self.decoder_time_upscale)
-
-    @property
-    def frames_to_trim(self) -> int:
-        """Raw decoded frames dropped at the start, so T latents give the Wan VAE's 4T - 3 frames."""
-        return self.t_upscale - 1
-
-    @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> "TAEHVConfig":
-        """Build from a fixture meta.json: switches from ``config.constructor``, widths from
-        ``architecture`` (the reference constructor has no width argument, so only the layer list says)."""
-        cfg = meta.get("config", {})
-        ctor = cfg.get("constructor", {})
-        kwargs: dict[str, Any] = {}
-        if ctor.get("latent_channels") is not None:
-            kwargs["latent_channels"] = int(ctor["latent_channels"])
-        if ctor.get("patch_size") is not None:
-            kwargs["patch_size"] = int(ctor["patch_size"])
-        if cfg.get("image_channels") is not None:
-            kwargs["image_channels"] = int(cfg["image_channels"])
-        for name in ("encoder_time_downscale", "decoder_time_upscale", "decoder_space_upscale"):
-            if ctor.get(name) is not None:
-                kwargs[name] = tuple(bool(v) for v in ctor[name])
-        arch = meta.get("architecture", {})
-        enc_convs = [layer["out_ch"] for layer in arch.get("encoder", []) if layer.get("type") == "Conv2d"]
-        dec_convs = [layer["out_ch"] for layer in arch.get("decoder", []) if layer.get("type") == "Conv2d"]
-        if enc_convs:
-            kwargs["encoder_width"] = int(enc_convs[0])
-        if dec_convs:
-            kwargs["decoder_widths"] = tuple(int(c) for c in dec_convs[:-1])
-        return cls(**kwargs)
 
 
 # --- layers --------------------------------------------------------------------------------

@@ -19,9 +19,7 @@ import html
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,48 +27,7 @@ from torch import Tensor, nn
 
 from ..lru import LRU
 from .checkpoint import CheckpointError, check_state_dict, read_tensors
-
-
-# --------------------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class UMT5Config:
-    vocab_size: int
-    dim: int
-    dim_attn: int
-    dim_ffn: int
-    num_heads: int
-    encoder_layers: int
-    num_buckets: int = 32
-    shared_pos: bool = False
-    relative_max_dist: int = 128
-    eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if self.dim_attn % self.num_heads:
-            raise ValueError(f"dim_attn {self.dim_attn} is not divisible by num_heads {self.num_heads}")
-        if self.num_buckets % 2:
-            raise ValueError(f"bidirectional bucketing needs an even num_buckets, got {self.num_buckets}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UMT5Config":
-        """Build from a config dict (fixture meta or real config); unrelated keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim_attn // self.num_heads
-
-    def num_parameters(self) -> int:
-        """Parameter count implied by the config (no allocation)."""
-        per_layer = (
-            4 * self.dim * self.dim_attn          # q, k, v (dim -> dim_attn), o (dim_attn -> dim)
-            + 3 * self.dim * self.dim_ffn          # gate, fc1, fc2
-            + 2 * self.dim                         # norm1, norm2
-            + (0 if self.shared_pos else self.num_buckets * self.num_heads)
-        )
-        shared = self.num_buckets * self.num_heads if self.shared_pos else 0
-        return self.vocab_size * self.dim + self.encoder_layers * per_layer + self.dim + shared
+from .config import UMT5Config
 
 
 # ------------------------------------------------------------------------------------------- modules

@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from ..argparsing import CommandParser
+from ..names import SCHEDULES
+
 # Only argparse-level imports here: building the `streamgen` parser must not import torch.
 
 DEFAULT_SECONDS = 5.0
@@ -26,6 +29,15 @@ def _size_arg(text: str) -> int | tuple[int, int]:
 
     try:
         return parse_output_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _mp4_arg(text: str) -> Path:
+    from .writer import check_mp4_name
+
+    try:
+        return check_mp4_name(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -54,7 +66,7 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     from ..backends.ray.cluster import (
         add_ray_arguments,  # light: no torch, no ray import
     )
-    from ..bundles.options import add_precision_arguments  # light: no torch
+    from ..bundles.options import add_bundle_arguments  # light: no torch
     from .writer import (  # light: torch / av are imported where used
         DEFAULT_CRF,
         DEFAULT_PRESET,
@@ -74,20 +86,22 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--seed", type=int, help="noise seed (default: the model's, 0)")
     what.add_argument("--model", help="built-in bundle or model family (default: the registry's default)")
     what.add_argument("--model-dir", help="local files of a model family (see `streamgen models show NAME`)")
-    what.add_argument("--schedule", choices=("exact", "timestep-slot"),
+    what.add_argument("--schedule", choices=SCHEDULES,
                       help="default: the model's (ray tpp: timestep-slot); the same seed gives the same latents per schedule")
     what.add_argument("--unbatched", action="store_true", help="timestep-slot: run the slots one by one (same latents)")
     what.add_argument("--policy", help="cache policy (default: the model's; window_sink, ema_sink, deep_sink, full, rolling_anchor)")
     what.add_argument("--policy-setting", type=_setting, action="append", default=[], metavar="KEY=VALUE")
-    what.add_argument("--threads", type=_positive(int), help="torch threads (default: torch's)")
+    what.add_argument("--threads", type=_positive(int), help="torch threads (default: the cores idle at start, see engine/threads.py)")
 
     out = p.add_argument_group("output")
-    out.add_argument("-o", "--out", type=Path, help="output MP4 (H.264, yuv420p)")
+    out.add_argument("-o", "--out", type=_mp4_arg, metavar="OUT.mp4", help="output MP4 (H.264, yuv420p)")
     out.add_argument("--latents-out", type=Path, metavar="FILE.safetensors",
-                     help='also save every latent: key "latents" [1, F, C, h, w] + metadata (model, seed, timeline JSON, …)')
+                     help='also save the latents of the frames written: key "latents" [1, F, C, h, w] + metadata '
+                          '(model, seed, timeline JSON, …)')
     out.add_argument("--fps", type=_positive(float), help="container frame rate (default: the model's; frame count is unchanged)")
     out.add_argument("--size", type=_size_arg, metavar="N|WxH",
-                     help="output size: longer side N (aspect kept) or WxH (even); default: the model's frames")
+                     help="output size: longer side N (even; the other side keeps the aspect, rounded to even) or "
+                          "WxH (both even); default: the model's frames")
     out.add_argument("--scale-filter", choices=SCALE_FILTERS, default="auto",
                      help="auto (default): nearest for pixel art (frames ≤ 128 px, whole-number upscales), "
                           "area when shrinking, bicubic when enlarging")
@@ -98,7 +112,7 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     out.add_argument("--preset", default=DEFAULT_PRESET, choices=X264_PRESETS, metavar="PRESET",
                      help=f"x264 speed / size trade-off: {', '.join(X264_PRESETS)} (default {DEFAULT_PRESET})")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_precision_arguments(p)
+    add_bundle_arguments(p)
     add_ray_arguments(p)
     p.set_defaults(func=cmd_render)
     return p
@@ -140,15 +154,15 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     from ..backends.ray.cluster import backend_from_args
     from ..bundles.bundle import DEFAULT_MODEL, load_bundle
-    from ..bundles.options import precision_settings
+    from ..bundles.options import bundle_settings
+    from ..engine.threads import default_threads
     from .job import frame_count, run_job
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())
     backend = None
     bar = None
     try:
-        bundle = load_bundle(args.model or DEFAULT_MODEL, args.model_dir, **precision_settings(args))
+        bundle = load_bundle(args.model or DEFAULT_MODEL, args.model_dir, **bundle_settings(args))
         backend = backend_from_args(args, bundle, max_streams=1)
         bar = tqdm(total=frame_count(job.seconds, bundle.fps), unit="frame", desc="render", disable=args.quiet,
                    dynamic_ncols=True, file=sys.stderr)
@@ -187,7 +201,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m streamgen.render.cli …` (the same as `streamgen render …`)."""
-    parser = argparse.ArgumentParser(prog="streamgen")
+    parser = CommandParser(prog="streamgen")
     sub = parser.add_subparsers(dest="command", required=True)
     add_render_parser(sub)
     args = parser.parse_args(["render", *(sys.argv[1:] if argv is None else argv)])

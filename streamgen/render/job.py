@@ -6,8 +6,8 @@ entry at `at` s is the first video frame v with v / fps ≥ at, then the first l
 video frame is ≥ v (the decoder's `video_frame` mapping: 1:1 for pixel / preview decoders, 1 + 4·(l−1)
 for the Wan VAE), and `FrameStream.set_prompt(..., at_frame=latent)` is queued before the first chunk:
 the change lands on the first chunk that starts at or after it, whatever the schedule or backend.
-The render writes exactly round(seconds × model fps) frames (the last chunk is trimmed); `fps` only
-sets the container's frame rate.
+The render writes exactly round(seconds × model fps) frames (the last chunk is trimmed, and so are the
+saved latents: the latent frames of the video frames written); `fps` only sets the container's frame rate.
 """
 from __future__ import annotations
 
@@ -20,8 +20,16 @@ from typing import Any
 
 import torch
 
+from ..engine.prompts import describe_prompt
 from .timeline import TimelineEntry, TimelineError, timeline_json
-from .writer import DEFAULT_CRF, DEFAULT_PRESET, Mp4Writer, check_writable, save_latents
+from .writer import (
+    DEFAULT_CRF,
+    DEFAULT_PRESET,
+    Mp4Writer,
+    check_mp4_name,
+    check_writable,
+    save_latents,
+)
 
 LATENTS_FORMAT = "streamgen-render-latents-v1"
 
@@ -36,7 +44,7 @@ class RenderJob:
     timeline: list[TimelineEntry]
     seconds: float
     out: Path | None = None  # MP4; at least one of out / latents_out
-    latents_out: Path | None = None  # safetensors: "latents" [1, F, C, h, w] + metadata
+    latents_out: Path | None = None  # safetensors: "latents" [1, F, C, h, w] of the frames written + metadata
     seed: int | None = None
     fps: float | None = None  # container frame rate (default: the model's)
     size: int | tuple[int, int] | None = None  # longer side, or (W, H); None: the model's frame size
@@ -171,13 +179,18 @@ def run_job(job: RenderJob, backend, progress: Progress | None = None,
     fps_out = float(job.fps or bundle.fps)
     if not fps_out > 0:
         raise ValueError(f"--fps must be > 0, got {fps_out:g}")
+    if job.out is not None:
+        check_mp4_name(job.out)
     for path in (job.out, job.latents_out):
         if path is not None:
             check_writable(path)
     overrides = job.overrides(bundle.stream)
     config = replace(bundle.stream, **overrides)  # bad schedule / sampler combinations fail here
-    switches, warnings = plan_switches(job.timeline, bundle.fps, bundle.decoder().video_frame, config.chunk_frames,
-                                       total, job.source)
+    video_frame = bundle.decoder().video_frame
+    switches, warnings = plan_switches(job.timeline, bundle.fps, video_frame, config.chunk_frames, total, job.source)
+    for entry in job.timeline:
+        if (ignored := describe_prompt(bundle.text_encoder, entry.prompt).get("warning")) is not None:
+            warnings.append(f"at {entry.at:g} s: {ignored}")
     for message in warnings if warn is not None else ():
         warn(message)
     opening = job.timeline[0]
@@ -228,7 +241,8 @@ def run_job(job: RenderJob, backend, progress: Progress | None = None,
             writer.close()
         latent_shape = None
         if job.latents_out is not None:
-            all_latents = torch.cat(latents, dim=1)
+            # the last chunk runs past the end: keep only the latent frames of the video frames written
+            all_latents = torch.cat(latents, dim=1)[:, : latent_for_video(total, video_frame)]
             latent_shape = tuple(all_latents.shape)
             try:
                 save_latents(job.latents_out, all_latents, {

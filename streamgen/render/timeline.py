@@ -272,7 +272,7 @@ def with_opening(entries: list[TimelineEntry], prompt: str | None, source: str =
         raise TimelineError("the prompt is empty", "--prompt")
     if not entries:
         if prompt is None:
-            raise TimelineError("nothing to render: give --prompt or --timeline", "render")
+            raise ValueError("nothing to render: give --prompt or --timeline")
         return single_prompt(prompt)
     first = entries[0]
     if first.at == 0:

@@ -31,11 +31,13 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 
 # --- sizes and scaling -----------------------------------------------------------------------------
 def parse_output_size(text: str) -> int | tuple[int, int]:
-    """`render --size`: `parse_size`'s "N" (longer side N, aspect kept, sides rounded to even) or "WxH"
-    (exact; both even, as yuv420p needs)."""
+    """`render --size`: `parse_size`'s "N" (longer side N, even; the other side keeps the aspect, rounded to
+    even) or "WxH" (exact; both even, as yuv420p needs). An odd size is refused, not silently rounded."""
     size = parse_size(text)
     if min((size,) if isinstance(size, int) else size) < 2:
         raise ValueError(f"a side must be at least 2 pixels, got {text!r}")
+    if isinstance(size, int) and size % 2:
+        raise ValueError(f"the longer side must be even (yuv420p), got {size}: use {size - 1} or {size + 1}")
     if isinstance(size, tuple) and (size[0] % 2 or size[1] % 2):
         raise ValueError(f"width and height must be even (yuv420p), got {size[0]}x{size[1]}")
     return size
@@ -91,6 +93,15 @@ def _temp_beside(path: Path) -> Path:
     """A fresh hidden name next to `path` (same filesystem, so the final rename is atomic); the file is
     created by its writer, with the usual permissions (mkstemp would make it 0600)."""
     return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+
+
+def check_mp4_name(path: str | Path) -> Path:
+    """The video is always an MP4 (H.264): a name ending in another suffix would mislabel the file."""
+    path = Path(path)
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"{path}: the video is written as MP4 (H.264); name it *.mp4 "
+                         f"(got suffix {path.suffix or '(none)'!r})")
+    return path
 
 
 def check_writable(path: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""HTTP routes: signaling (`POST /offer`), sessions, the model, health, metrics, ICE servers, the web client.
+"""HTTP routes: signaling (`POST /offer`, and WHEP in `whep.py`), sessions, the model, health, metrics, ICE
+servers, the web client.
 
 Every failure is a JSON `{"error": "<one line>"}` with a fitting status; nothing a client sends can
 take the server down (unexpected exceptions become a 500 for that request only).
@@ -13,25 +14,18 @@ from pydantic import ValidationError
 from ..backends import Backend, CapacityError
 from ..engine.prompts import describe_prompt, prompt_vocabulary
 from ..errors import InputError
+from .appstate import BACKEND, CONFIG, MANAGER, MAX_BODY_BYTES, METRICS, error
 from .config import ServeConfig
 from .errors import describe
 from .ice import check_offer, ice_servers
 from .limits import Handler, bearer_auth
 from .manager import Refused, SessionManager
 from .metrics import Metrics
-from .protocol import Offer, load_json
+from .protocol import Offer, RecordingRequest, load_json
+from .whep import add_whep_routes
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 256 * 1024
-MANAGER = web.AppKey("manager", SessionManager)
-CONFIG = web.AppKey("config", ServeConfig)
-METRICS = web.AppKey("metrics", Metrics)
-BACKEND = web.AppKey("backend", Backend)
-
-
-def error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
 @web.middleware
@@ -88,6 +82,43 @@ async def get_session(request: web.Request) -> web.Response:
     view = session.describe()
     encoder = request.app[BACKEND].bundle.text_encoder
     return web.json_response({**view, "prompt_detail": describe_prompt(encoder, view["prompt"]) or None})
+
+
+async def post_recording(request: web.Request) -> web.Response:
+    """Start or stop recording what the session's viewer is sent (see `recording.py`)."""
+    session = request.app[MANAGER].get(request.match_info["sid"])
+    if session is None:
+        return error(404, f"no session {request.match_info['sid']!r}")
+    folder = request.app[CONFIG].recordings_dir
+    if folder is None:
+        return error(409, "recording is off on this server: start it with --recordings-dir DIR")
+    try:
+        body = RecordingRequest.model_validate(load_json(await request.read(), "body", MAX_BODY_BYTES))
+    except InputError as exc:
+        return error(400, str(exc))
+    except ValidationError as exc:
+        return error(422, describe(exc, RecordingRequest))
+    if body.action == "start":
+        try:
+            recording = session.start_recording(folder)
+        except InputError as exc:
+            return error(409, str(exc))
+    elif (recording := session.stop_recording()) is None:
+        return error(409, f"session {session.id} is not recording")
+    return web.json_response({**recording.describe(), "url": f"/sessions/{session.id}/recording"})
+
+
+async def get_recording(request: web.Request) -> web.StreamResponse:
+    """The session's latest recording as written so far (a playable file at every moment)."""
+    session = request.app[MANAGER].get(request.match_info["sid"])
+    if session is None:
+        return error(404, f"no session {request.match_info['sid']!r}")
+    recording = session.recording
+    if recording is None:
+        return error(404, f"session {session.id} has no recording: POST {{\"action\": \"start\"}} to start one")
+    if not recording.path.exists():
+        return error(404, "the recording has no frames yet: it starts at the viewer's next keyframe")
+    return web.FileResponse(recording.path, headers={"Content-Type": recording.content_type})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -155,10 +186,13 @@ def create_app(config: ServeConfig, backend: Backend, manager: SessionManager, m
     app.router.add_post("/offer", post_offer)
     app.router.add_get("/sessions/{sid}", get_session)
     app.router.add_delete("/sessions/{sid}", delete_session)
+    app.router.add_post("/sessions/{sid}/recording", post_recording)
+    app.router.add_get("/sessions/{sid}/recording", get_recording)
     app.router.add_get("/model", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ice-servers", get_ice_servers)
+    add_whep_routes(app)
     app.router.add_get("/", index)
     app.router.add_get("/static/{path:.+}", static)
     return app

@@ -1,13 +1,13 @@
 """Server settings: one dataclass the CLI fills and tests construct directly."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..backends.names import SCHEDULERS
 from ..bundles.bundle import DEFAULT_MODEL
+from ..engine.threads import default_threads
 
 WEB_ROOT = Path(__file__).resolve().parent / "web"  # the browser client, package data
 
@@ -18,7 +18,7 @@ class ServeConfig:
     port: int = 8080  # 0 picks a free port (tests)
     model: str = DEFAULT_MODEL
     model_dir: str | None = None  # a real model family's local files (see `streamgen models show NAME`)
-    precision: dict[str, str] = field(default_factory=dict)  # load_bundle's dtype / quant / compile (CLI --dtype …)
+    precision: dict[str, str] = field(default_factory=dict)  # load_bundle's dtype / quant / compile / decoder (CLI --dtype …)
     prompt: str | None = None  # used when an offer carries none; None: the model's example prompt
     max_sessions: int = 4
     max_sessions_per_ip: int = 2
@@ -38,14 +38,15 @@ class ServeConfig:
     scheduler: str = "engine"  # local backend: one batched engine loop for all sessions, or "threads" (one per session)
     ray: dict[str, Any] = field(default_factory=dict)  # make_backend keywords for the ray backend
     web_root: Path = WEB_ROOT
+    recordings_dir: Path | None = None  # session recordings (`/sessions/{id}/recording`); None: recording is off
+    jobs_dir: Path | None = None  # render jobs (`/jobs`): their SQLite store and outputs; None: no jobs API
+    jobs_concurrency: int = 1  # render jobs running at once
+    jobs_max_queued: int = 100
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
 
     def torch_threads(self) -> int:
-        """One engine thread computes every session: it gets the cores; a thread per session gets a share."""
-        if self.threads:
-            return self.threads
-        cores = os.cpu_count() or 1
-        return cores if self.scheduler == "engine" else max(1, cores // max(1, self.max_sessions))
+        """One engine thread computes every session: it gets the idle cores; a thread per session a share."""
+        return self.threads or default_threads(1 if self.scheduler == "engine" else self.max_sessions)

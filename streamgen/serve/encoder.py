@@ -52,6 +52,17 @@ class VideoEncoder:
         self.bitrate = bitrate
         self.gop = max(1, round(keyframe_interval_s * fps))
         self._ctx: av.VideoCodecContext | None = None
+        self._keyframe = False
+
+    def request_keyframe(self) -> None:
+        """Make the next frame a keyframe (a recording starts on one)."""
+        self._keyframe = True
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the encoded frames; only known once the first frame was encoded."""
+        if self._ctx is None:
+            raise RuntimeError("the encoder has not encoded a frame yet")
+        return self._ctx.width, self._ctx.height
 
     def encode(self, image: np.ndarray, tick: int) -> av.Packet | None:
         """Encode frame `tick` (ticks count frame intervals since the track started); None when the
@@ -61,6 +72,8 @@ class VideoEncoder:
             self._ctx = self._open(w, h)
         frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
         frame.pts = tick
+        if self._keyframe:
+            frame.pict_type, self._keyframe = av.video.frame.PictureType.I, False
         packets = self._ctx.encode(frame)
         if len(packets) > 1:
             raise RuntimeError(f"{self.codec} encoder returned {len(packets)} packets for one frame")

@@ -64,8 +64,9 @@ def loopback_candidates_only(sdp: str) -> str:
                        if not line.startswith("a=candidate:") or " 127.0.0.1 " in line) + "\r\n"
 
 
-def check_offer(sdp: str) -> str | None:
-    """Why this offer cannot be served (None when it can): parse errors, no video, no data channel."""
+def check_offer(sdp: str, control: bool = True) -> str | None:
+    """Why this offer cannot be served (None when it can): parse errors, no video, no data channel (when
+    `control`: streamgen's own clients steer over one; a WHEP player only watches)."""
     if not sdp.lstrip().startswith("v=0"):
         return "malformed SDP: it must start with 'v=0'"
     try:
@@ -75,7 +76,7 @@ def check_offer(sdp: str) -> str | None:
     kinds = [m.kind for m in description.media]
     if "video" not in kinds:
         return "the offer has no video section: add a receive-only video transceiver"
-    if "application" not in kinds:
+    if control and "application" not in kinds:
         return "the offer has no data channel: create one labelled 'control' before the offer"
     for media in description.media:
         if media.kind == "video" and media.direction not in (None, "recvonly", "sendrecv"):

@@ -154,6 +154,13 @@ class Error(BaseModel):
     id: str | int | None = None
 
 
+class RecordingRequest(BaseModel):
+    """POST /sessions/{id}/recording body."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["start", "stop"]
+
+
 class Offer(BaseModel):
     """POST /offer body; `session_id` asks to resume a session whose peer went away (grace period)."""
 

@@ -13,6 +13,9 @@ from aiohttp import web
 from ..backends import Backend
 from ..backends.ray.cluster import make_backend
 from ..bundles.bundle import load_bundle
+from ..jobs.api import add_job_routes
+from ..jobs.scheduler import JobScheduler, SchedulerConfig
+from ..jobs.store import JobStore
 from . import ice
 from .app import create_app
 from .config import ServeConfig
@@ -31,6 +34,7 @@ class Server:
         self.metrics = Metrics()
         self.backend: Backend | None = None
         self.manager: SessionManager | None = None
+        self.jobs: JobScheduler | None = None
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._undo: list[Callable[[], None]] = []  # process-wide settings restored on stop
@@ -44,6 +48,7 @@ class Server:
         config = self.config
         check_exposure(config.host, config.token)
         ice.ice_servers(config.ice_servers)  # refuse bad URLs before binding
+        store = JobStore(config.jobs_dir) if config.jobs_dir is not None else None  # a jobs dir in use: refused first
         threads = torch.get_num_threads()
         torch.set_num_threads(config.torch_threads())
         self._undo.append(lambda: torch.set_num_threads(threads))
@@ -54,7 +59,12 @@ class Server:
                                             scheduler=config.scheduler, **config.ray)
         self.manager = SessionManager(self.backend, config, self.metrics)
         self.manager.start()
-        self._runner = web.AppRunner(create_app(config, self.backend, self.manager, self.metrics), access_log=None)
+        app = create_app(config, self.backend, self.manager, self.metrics)
+        if store is not None:  # running jobs left by a previous process resume from their checkpoints
+            self.jobs = JobScheduler(store, self.backend, SchedulerConfig(config.jobs_concurrency, config.jobs_max_queued))
+            self.jobs.start()
+            add_job_routes(app, self.jobs)
+        self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.host, config.port)
         await site.start()
@@ -66,6 +76,9 @@ class Server:
             await self.manager.close_all()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.jobs is not None:  # running jobs checkpoint and stay resumable
+            await asyncio.to_thread(self.jobs.stop)
+            self.jobs.store.close()
         shutdown = getattr(self.backend, "shutdown", None)
         if shutdown is not None:
             await asyncio.to_thread(shutdown)

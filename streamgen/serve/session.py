@@ -13,19 +13,23 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import av
 from pydantic import BaseModel
 
 from ..backends import Backend
 from ..bundles.family import TransitionSpec
 from ..engine.frame_stream import FrameChunk, FrameStream
 from ..engine.prompts import Transition
+from ..errors import InputError
 from .config import ServeConfig
-from .encoder import DisplayScaler
+from .encoder import DisplayScaler, VideoEncoder
 from .frames import Frame, FrameQueue, Pacer
 from .metrics import Metrics
 from .protocol import AckMessage, Error, Stall, Stats
+from .recording import Recording
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -60,6 +64,8 @@ class Session:
         self._counts = dict.fromkeys(("generated", "sent", "held", "dropped"), 0)
         self._stalls = 0  # backend recoveries this session went through
         self._window = (time.monotonic(), 0, 0.0)  # (start, new frames sent, sum of their ages)
+        self.recording: Recording | None = None  # the latest; a new start begins a new file
+        self._recordings = 0
 
     def start(self) -> None:
         self._handle = self._backend.start(self.id[:8], self.stream, self)
@@ -189,6 +195,32 @@ class Session:
             start, count, ages = self._window
             self._window = (start, count + 1, ages + now - frame.born)
 
+    def on_packet(self, packet: av.Packet, encoder: VideoEncoder) -> None:
+        if self.recording is None or self.recording.stopped is not None:
+            return
+        try:
+            self.recording.write(packet, encoder)
+        except Exception as exc:  # a full disk ends the recording, never the stream
+            log.warning("session %s: recording %s stopped: %s", self.id, self.recording.path, exc)
+            self.recording.stop()
+            self.send(Error(message=f"recording stopped: {type(exc).__name__}: {exc}"[:300]))
+
+    # --- recording ---------------------------------------------------------------------------------
+    def start_recording(self, folder: Path) -> Recording:
+        """Record what the viewer is sent from the next keyframe on, into a new file under `folder`."""
+        if self.recording is not None and self.recording.stopped is None:
+            return self.recording
+        if self.peer is None or self.peer.codec is None:
+            raise InputError("no viewer is connected: a recording takes the video a viewer is sent")
+        self._recordings += 1
+        self.recording = Recording(folder / f"{self.id}-{self._recordings}", self.peer.codec, self.fps)
+        return self.recording
+
+    def stop_recording(self) -> Recording | None:
+        if self.recording is not None:
+            self.recording.stop()
+        return self.recording
+
     # --- reporting ---------------------------------------------------------------------------------
     def stats(self) -> Stats:
         """Since the previous call: new frames shown per second and their mean age (generation → send)."""
@@ -208,6 +240,7 @@ class Session:
             "first_frame_ms": round(1000 * self._first_frame_s, 1) if self._first_frame_s is not None else None,
             "chunk_latency_ms": round(1000 * sum(self._latency) / len(self._latency), 2) if self._latency else None,
             "frames": dict(self._counts), "stalls": self._stalls,
+            "recording": self.recording.describe() if self.recording is not None else None,
         }
 
     async def close(self, reason: str) -> None:
@@ -218,6 +251,7 @@ class Session:
         self._on_closed(self)
         self._metrics.inc("streamgen_sessions_closed_total", reason=reason)
         self.queue.close()
+        self.stop_recording()
         stopped = self._handle.stop() if self._handle is not None else None
         peer, self.peer = self.peer, None
         if peer is not None:

@@ -28,6 +28,9 @@ class FrameSource(Protocol):
 
     def on_sent(self, frame: Frame, new: bool, dropped: int) -> None: ...
 
+    def on_packet(self, packet: av.Packet, encoder: VideoEncoder) -> None:
+        """Each packet as it goes out (a recording takes it)."""
+
 
 class PacedVideoTrack(MediaStreamTrack):
     kind = "video"
@@ -47,6 +50,7 @@ class PacedVideoTrack(MediaStreamTrack):
             packet = await loop.run_in_executor(None, self.encoder.encode, frame.image, self._tick)
             self.source.on_sent(frame, new, dropped)
             if packet is not None:  # an encoder may skip a frame to hold its rate: nothing to send this tick
+                self.source.on_packet(packet, self.encoder)
                 return packet
 
     async def _next_frame(self) -> tuple[Frame, bool, int]:

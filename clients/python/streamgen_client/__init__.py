@@ -1,5 +1,21 @@
 """Python client for `streamgen serve`: connect, receive frames, send prompts, await acks, record MP4."""
-from .client import ControlError, ReceivedFrame, ServerError, StreamClient
-from .recorder import Recorder
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import ControlError, ReceivedFrame, ServerError, StreamClient
+    from .recorder import Recorder
 
 __all__ = ["ControlError", "ReceivedFrame", "Recorder", "ServerError", "StreamClient"]
+_MODULES = {"ControlError": "client", "ReceivedFrame": "client", "ServerError": "client", "StreamClient": "client",
+            "Recorder": "recorder"}
+
+
+def __getattr__(name: str) -> Any:
+    """Imported on first use: `streamgen`'s parser adds the client's arguments (streamgen_client.cli) without
+    loading aiortc, aiohttp and av."""
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)

@@ -1,20 +1,20 @@
-"""`streamgen client URL` (also `python -m streamgen_client`): watch a stream, change prompts on a
-schedule, print acks, stalls and timing, optionally record MP4."""
+"""`streamgen client URL` (also `python -m streamgen_client`): watch a stream, change prompts at set
+times (--prompts-at), print acks, stalls and timing, optionally record MP4."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import re
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
-import numpy as np
-
-from .client import ControlError, ServerError, StreamClient
+# Only argparse-level imports here: `streamgen`'s parser adds these arguments without importing aiortc.
 
 
-def parse_schedule(text: str) -> list[tuple[float, str]]:
+def parse_prompts_at(text: str) -> list[tuple[float, str]]:
     """"3:a blue square,6:a green circle" → [(3.0, "a blue square"), (6.0, "a green circle")]."""
     items = []
     for part in re.split(r",(?=\s*\d+(?:\.\d+)?\s*:)", text.strip()) if text.strip() else []:
@@ -23,10 +23,36 @@ def parse_schedule(text: str) -> list[tuple[float, str]]:
             seconds = float(at)
         except ValueError:
             seconds = -1.0
-        if not sep or seconds < 0 or not prompt.strip():
-            raise ValueError(f"schedule item {part!r} is not SECONDS:PROMPT")
+        if not sep or not 0 <= seconds < math.inf or not prompt.strip():
+            raise ValueError(f"--prompts-at item {part!r} is not SECONDS:PROMPT")
         items.append((seconds, prompt.strip()))
     return sorted(items)
+
+
+def _prompts_at_arg(text: str) -> list[tuple[float, str]]:
+    try:
+        return parse_prompts_at(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds_arg(text: str) -> float:
+    """How long to watch: a finite number > 0 (0 would divide by zero, a negative one watch nothing)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return seconds
+
+
+def _url_arg(text: str) -> str:
+    """The server's base URL; anything else would fail later as an odd path ("notaurl/ice-servers")."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text} is not an http(s) URL, e.g. http://127.0.0.1:8080")
+    return text
 
 
 def describe_stall(stall: dict[str, Any]) -> str:
@@ -35,13 +61,19 @@ def describe_stall(stall: dict[str, Any]) -> str:
     return f"stall at frame {stall['frame']} ({stall['recovery_s']:.1f} s): {stall['reason']}{replaced}"
 
 
-async def run(url: str, prompt: str | None, seconds: float, schedule: list[tuple[float, str]], out: str | None,
+async def run(url: str, prompt: str | None, seconds: float, prompts_at: list[tuple[float, str]], out: str | None,
               token: str | None) -> int:
+    import numpy as np
+
+    from .client import ControlError, StreamClient
+
     async with StreamClient(url, prompt=prompt, token=token, record=out) as client:
         print(f"session {client.session_id}")
+        if prompt and (warning := ((await client.session()).get("prompt_detail") or {}).get("warning")):
+            print(f"warning: {warning}", file=sys.stderr)
         start = time.monotonic()
         times: list[float] = []
-        pending = list(schedule)
+        pending = list(prompts_at)
         stalls_shown = 0
         while (elapsed := time.monotonic() - start) < seconds:
             for stall in client.stalls[stalls_shown:]:
@@ -54,6 +86,8 @@ async def run(url: str, prompt: str | None, seconds: float, schedule: list[tuple
                     ack = await client.send_prompt(text)
                     took = 1000 * (time.monotonic() - sent)
                     print(f"{elapsed:6.2f} s  prompt {text!r}: ack at frame {ack['frame']} ({took:.0f} ms)")
+                    if warning := (ack.get("detail") or {}).get("warning"):
+                        print(f"warning: {warning}", file=sys.stderr)
                 except ControlError as exc:
                     print(f"{elapsed:6.2f} s  prompt {text!r}: error: {exc}")
             try:
@@ -77,19 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", help="server, e.g. http://127.0.0.1:8080")
+    """The client's arguments, for its own parser and for `streamgen client` (one definition)."""
+    parser.add_argument("url", type=_url_arg, help="server, e.g. http://127.0.0.1:8080")
     parser.add_argument("--prompt", help="initial prompt (default: the server's)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long to watch")
-    parser.add_argument("--schedule", default="", help='prompt changes, e.g. "3:a blue square,6:a green circle"')
+    parser.add_argument("--seconds", type=_seconds_arg, default=10.0, help="how long to watch (default: %(default)g)")
+    parser.add_argument("--prompts-at", type=_prompts_at_arg, default=[], metavar="S:PROMPT,…",
+                        help='prompt changes at seconds into the stream, e.g. "3:a blue square,6:a green circle"')
     parser.add_argument("-o", "--out", help="record the received video to this MP4 file")
     parser.add_argument("--token", help="bearer token, when the server has one")
 
 
 def run_args(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from .client import ServerError
+
     try:
-        return asyncio.run(run(args.url, args.prompt, args.seconds, parse_schedule(args.schedule), args.out, args.token))
+        return asyncio.run(run(args.url, args.prompt, args.seconds, args.prompts_at, args.out, args.token))
     except ServerError as exc:
         print(f"streamgen client: server refused: {exc}", file=sys.stderr)
+        return 1
+    except aiohttp.ClientConnectionError as exc:  # refused, unknown host, dropped: one line, no traceback
+        reason = getattr(exc, "os_error", None) or exc
+        print(f"streamgen client: cannot reach the server at {args.url}: {reason}", file=sys.stderr)
         return 1
     except (OSError, asyncio.TimeoutError) as exc:
         print(f"streamgen client: cannot stream from {args.url}: {exc or type(exc).__name__}", file=sys.stderr)

@@ -80,7 +80,11 @@ class StreamClient:
         self._connected = False  # set after the first answered offer
 
     async def __aenter__(self) -> StreamClient:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:  # `async with` skips __aexit__ when __aenter__ fails: close the HTTP session here
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -41,6 +41,7 @@ const state = {
   userClosed: true,
   nextId: 1,
   pending: new Map(), // id → {type, text, sent}
+  outbox: [], // controls typed while connecting: sent, in order, when the control channel opens
   acks: [], // every ack received, for tests and curious users
   errors: [],
   stalls: [], // every stall message received
@@ -171,6 +172,7 @@ async function connect({ fallbackToNew = true } = {}) {
   state.userClosed = false;
   state.noResume = false;
   const resuming = Boolean(state.sessionId);
+  const prompt = ui.prompt.value.trim(); // the prompt as it read at Connect: one typed later is a change
   if (state.phase !== "reconnecting") setPhase("connecting");
 
   let iceServers = [];
@@ -196,7 +198,6 @@ async function connect({ fallbackToNew = true } = {}) {
   if (state.pc !== pc) return; // disconnected meanwhile
 
   const body = { sdp: pc.localDescription.sdp, type: "offer" };
-  const prompt = ui.prompt.value.trim();
   if (resuming) body.session_id = state.sessionId;
   else if (prompt) body.prompt = prompt;
 
@@ -279,6 +280,7 @@ function wire(pc, channel) {
     if (state.pc !== pc) return;
     setPhase("live");
     startStatsPolling(pc);
+    flushOutbox();
   });
   channel.addEventListener("close", () => state.pc === pc && dropped("control channel closed"));
   channel.addEventListener("message", (event) => handleMessage(event.data));
@@ -338,6 +340,7 @@ function fail(err) {
 
 function stop() {
   state.userClosed = true;
+  for (const { message } of state.outbox.splice(0)) log("warn", `not connected: ${message.type} not sent`);
   clearTimeout(state.reconnect.timer);
   state.reconnect = { attempt: 0, since: 0, timer: null };
   ui.video.srcObject = null;
@@ -374,13 +377,22 @@ function forgetSession() {
 // --- control channel ----------------------------------------------------------------------------
 function send(message, text = "") {
   if (state.channel?.readyState !== "open") {
-    log("warn", `not connected: ${message.type} not sent`);
+    if (state.phase === "idle") {
+      log("warn", `not connected: ${message.type} not sent`);
+      return null;
+    }
+    state.outbox.push({ message, text }); // connecting: it goes out as soon as the channel opens
     return null;
   }
   const id = state.nextId++;
   state.pending.set(id, { type: message.type, text, sent: performance.now() });
   state.channel.send(JSON.stringify({ ...message, id }));
   return id;
+}
+
+function flushOutbox() {
+  const queued = state.outbox.splice(0);
+  for (const { message, text } of queued) send(message, text);
 }
 
 function handleMessage(raw) {
