@@ -33,6 +33,7 @@ def bench_engine_setup(model: str | FamilySpec, size: str | None = None, *, laye
     A `full` policy cannot run more chunks than its capacity: that is refused up front.
     """
     spec = load_family_config(model)
+    spec.require_streamable("be benchmarked")
     cfg = reduced_architecture(spec, layers=layers, dim=dim, heads=heads, ffn_dim=ffn_dim)
     if policy is not None and policy != spec.stream.policy:
         settings = dict(policy_settings or {})

@@ -1,30 +1,37 @@
 """Check a local model dir against its family before anything loads: every file, key, shape and LoRA target.
 
-`check_model_dir` reads only headers: safetensors through ``safe_open`` metadata and torch pickles
-with ``torch.load(mmap=True, map_location="meta", weights_only=True)`` (storages are memory-mapped
-and mapped to the meta device: no tensor data is read), then compares every key and shape with the
-modules built on the meta device from the YAML.
+`check_model_dir` reads only headers: safetensors through ``safe_open`` metadata (a shard index:
+every shard it names), torch pickles with ``torch.load(mmap=True, map_location="meta",
+weights_only=True)`` (storages are memory-mapped and mapped to the meta device: no tensor data is
+read), then compares every key and shape with the modules built on the meta device from the YAML.
+A LoRA adapter is checked key by key under its family's key rule (`checkpoint.LoraRule`): every key
+that would not load (wrong form, a module that is no target, another rank) is named.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..models.checkpoint import (
-    LORA_KEY,
     MAX_LISTED,
     CheckpointError,
+    is_shard_index,
     listed,
-    normalize_key,
+    lora_file_hparams,
+    lora_problems,
     normalize_state,
     pick_envelope,
     read_lazy,
+    read_sharded,
+    resolve_lora_rule,
 )
 from ..models.config import DiTConfig
-from .family import FamilySpec, FileSpec, LoraFile, load_family_config, lora_targets
+from .family import FamilySpec, FileSpec, LoraFile, load_family_config, lora_targets, meta_dit
 
 
 class ModelDirError(ValueError):
@@ -69,9 +76,8 @@ def _meta_shapes(module_fn) -> dict[str, tuple[int, ...]]:
 
 
 def expected_dit_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
-    from ..models.dit import WanDiT
-
-    return _meta_shapes(lambda: WanDiT(cfg))
+    """Keys and shapes of the DiT of `cfg` (WanDiT, or S2VDiT for an S2VConfig), built on the meta device."""
+    return {k: tuple(v.shape) for k, v in meta_dit(cfg).state_dict().items()}
 
 
 def expected_umt5_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -150,7 +156,17 @@ class CheckReport:
 
 
 _ROLE_TEXT = {"dit": "the DiT checkpoint", "text_encoder": "the umT5-xxl text encoder",
-              "tokenizer": "the umT5 tokenizer folder", "vae": "the Wan2.1 VAE", "taehv": "the TAEHV decoder"}
+              "tokenizer": "the umT5 tokenizer folder", "vae": "the Wan2.1 VAE", "taehv": "the TAEHV decoder",
+              "audio_encoder": "the wav2vec2 audio encoder folder"}
+_DIRS = ("tokenizer", "audio_encoder")  # roles that are folders
+
+# config.json fields that must equal the family's architecture (when the file sets them)
+_CONFIG_FIELDS = ("dim", "ffn_dim", "freq_dim", "text_dim", "text_len", "num_heads", "num_layers", "in_dim", "out_dim",
+                  "patch_size", "eps", "qk_norm", "cross_attn_norm")
+_S2V_CONFIG_FIELDS = ("cond_dim", "audio_dim", "num_audio_token", "audio_inject_layers", "motion_frames")
+# the reference's S2V switches as streamgen's S2V DiT implements them (spec avatar §2.1)
+S2V_SWITCHES = {"enable_adain": True, "adain_mode": "attn_norm", "zero_timestep": True, "enable_motioner": False,
+                "enable_tsm": False, "enable_framepack": True, "framepack_drop_mode": "padd", "add_last_motion": True}
 
 
 
@@ -200,7 +216,7 @@ def check_model_dir(family: str | Path | FamilySpec, model_dir: str | Path, deco
         return report
     dit_cfg = spec.dit_config()
     for role, fspec, required in spec.file_specs(decoder):
-        found = _find(model_dir, fspec, want_dir=role == "tokenizer")
+        found = _find(model_dir, fspec, want_dir=role in _DIRS)
         check = FileCheck(role, required, found)
         report.files.append(check)
         if found is None:
@@ -218,18 +234,32 @@ def check_model_dir(family: str | Path | FamilySpec, model_dir: str | Path, deco
         where = str(found.relative_to(model_dir))
         try:
             if role == "dit":
-                state, env = pick_envelope(reader(found), spec.files.dit.envelope, where)
+                shards = ""
+                if is_shard_index(found):
+                    obj, shard_problems = read_sharded(found, reader)
+                    check.problems += [f"{where}: {p}" for p in shard_problems[:MAX_LISTED]]
+                    if len(shard_problems) > MAX_LISTED:
+                        check.problems.append(f"{where}: ... and {len(shard_problems) - MAX_LISTED} more shard problems")
+                    shards = f" in {len(set(json.loads(found.read_text())['weight_map'].values()))} shards"
+                else:
+                    obj = reader(found)
+                state, env = pick_envelope(obj, spec.files.dit.envelope, where)
                 state = normalize_state(state, where)
                 expected = expected_dit_shapes(dit_cfg)
                 check.problems += compare_shapes(state, expected, where)
+                if spec.files.dit.config_json is not None:
+                    check.problems += _check_config_json(model_dir, spec.files.dit.config_json, dit_cfg, spec.title)
                 params = sum(math.prod(s.shape) for s in state.values())
-                check.summary = f"[{env}] {len(state)} tensors, {_dtypes(state)}, {params:,} params"
+                check.summary = f"[{env}] {len(state)} tensors{shards}, {_dtypes(state)}, {params:,} params"
                 if env == "flat" and "flat" not in spec.files.dit.envelope:
                     report.warnings.append(f"{where}: a flat state dict, used as is (the release has "
                                            f"envelope {spec.files.dit.envelope_text})")
             elif role == "lora":
-                check.problems += _check_lora(reader(found), spec, where)
-                check.summary = f"rank {spec.files.lora.rank}, alpha {spec.files.lora.alpha:g}" if not check.problems else ""
+                problems, check.summary = _check_lora(reader(found), spec, where, lora_file_hparams(found))
+                check.problems += problems
+            elif role == "audio_encoder":
+                problems, check.summary = _check_audio_encoder(found, spec, where, reader)
+                check.problems += problems
             elif role == "text_encoder":
                 state, _ = pick_envelope(reader(found), "flat", where)
                 check.problems += compare_shapes(state, expected_umt5_shapes(spec.files.text_encoder.config), where)
@@ -265,48 +295,104 @@ def check_model_dir(family: str | Path | FamilySpec, model_dir: str | Path, deco
     return report
 
 
-def _check_lora(obj: Any, spec: FamilySpec, where: str) -> list[str]:
-    """Pairs, rank and coverage of a PEFT LoRA adapter against the DiT's Linear shapes."""
+def _check_config_json(model_dir: Path, rel: str, cfg: DiTConfig, title: str) -> list[str]:
+    """The DiT's own config.json against the family's architecture (fields it sets) and, for S2V, the
+    reference switches the S2V DiT implements."""
+    from ..models.s2v import S2VConfig
+
+    path = model_dir / rel
+    if not path.is_file():
+        return [f"{title} needs {rel} (the DiT's config.json) in {model_dir}: not found"]
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return [f"{rel}: cannot read the DiT config: {exc}"]
+    if not isinstance(data, dict):
+        return [f"{rel}: a config.json is a mapping, got {type(data).__name__}"]
+
+    def norm(value: Any) -> Any:
+        return tuple(norm(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+    s2v = isinstance(cfg, S2VConfig)
+    problems = [f"{rel}: {name} {data[name]!r}, the family's architecture has {getattr(cfg, name)!r}"
+                for name in _CONFIG_FIELDS + (_S2V_CONFIG_FIELDS if s2v else ())
+                if name in data and norm(data[name]) != norm(getattr(cfg, name))]
+    if s2v:
+        problems += [f"{rel}: {name} {data[name]!r}: streamgen's S2V DiT implements {name} {want!r} only"
+                     for name, want in S2V_SWITCHES.items() if name in data and data[name] != want]
+    return problems
+
+
+def _check_audio_encoder(folder: Path, spec: FamilySpec, where: str, reader: LazyFiles) -> tuple[list[str], str]:
+    """The wav2vec2 folder: its files, config.json against the S2V audio sizes, the weights' layers (headers)."""
+    fs, s2v = spec.files.audio_encoder, spec.architecture.s2v
+    assert fs is not None
+    problems = []
+    missing = [n for n in fs.files if not (folder / n).is_file()]
+    if missing:
+        problems.append(f"{where}: wav2vec2 folder lacks {', '.join(missing)}")
+    hidden = layers = None
+    if (folder / "config.json").is_file():
+        try:
+            data = json.loads((folder / "config.json").read_text())
+            hidden, layers = data.get("hidden_size"), data.get("num_hidden_layers")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+            problems.append(f"{where}/config.json: cannot read: {exc}")
+        if s2v is not None and hidden is not None and hidden != s2v.audio_dim:
+            problems.append(f"{where}/config.json: hidden_size {hidden}, the S2V audio encoder takes {s2v.audio_dim}-wide "
+                            "features (architecture.s2v.audio_dim)")
+        if s2v is not None and layers is not None and layers + 1 != s2v.audio_layers:
+            problems.append(f"{where}/config.json: num_hidden_layers {layers} gives {layers + 1} hidden states, the S2V "
+                            f"audio encoder weighs {s2v.audio_layers} (architecture.s2v.audio_layers)")
+    weights = next((folder / w for w in fs.weights if (folder / w).is_file()), None)
+    if weights is None:
+        problems.append(f"{where}: no wav2vec2 weights (looked for {', '.join(fs.weights)})")
+        return problems, ""
+    rel = f"{where}/{weights.relative_to(folder)}"
+    try:
+        state, _ = pick_envelope(reader(weights), "flat", rel)
+    except CheckpointError as exc:
+        return problems + [str(exc)], ""
+    found = {int(m[1]) for k in state if (m := re.search(r"encoder\.layers\.(\d+)\.", str(k)))}
+    if not found:
+        problems.append(f"{rel}: no encoder.layers.N tensors: not a wav2vec2 checkpoint")
+    elif layers is not None and found != set(range(layers)):
+        problems.append(f"{rel}: encoder layers {min(found)}..{max(found)} ({len(found)}), config.json says "
+                        f"num_hidden_layers {layers}")
+    width = s2v.audio_dim if s2v is not None else hidden
+    q0 = [k for k in state if str(k).endswith("encoder.layers.0.attention.q_proj.weight")]
+    if width is not None and q0 and tuple(state[q0[0]].shape) != (width, width):
+        problems.append(f"{rel}: {q0[0]}: got {tuple(state[q0[0]].shape)}, expected {(width, width)}")
+    return problems, f"{weights.name}: {len(state)} tensors, {_dtypes(state)}, {len(found)} layers x {width}"
+
+
+def _check_lora(obj: Any, spec: FamilySpec, where: str, declared: Mapping[str, float]) -> tuple[list[str], str]:
+    """Every adapter key against the family's key rule and the DiT's LoRA targets (`lora_problems`): keys of
+    another form, for modules that are no target, incomplete pairs, another rank, uncovered targets; the
+    rank / alpha the file declares must equal the YAML's. Returns (problems, summary)."""
     import torch
 
     lora = spec.files.lora
     assert lora is not None
     if not isinstance(obj, dict):
-        return [f"{where}: holds a {type(obj).__name__}, expected a dict"]
-    adapter = obj.get(lora.key, obj)
+        return [f"{where}: holds a {type(obj).__name__}, expected a dict"], ""
+    adapter = obj if lora.key is None else obj.get(lora.key, obj)
     if not isinstance(adapter, dict) or not adapter:
-        return [f"{where}: no LoRA adapter (entry {lora.key!r} missing or empty; entries: {sorted(map(str, obj))})"]
+        return [f"{where}: no LoRA adapter (entry {lora.key!r} missing or empty; entries: {sorted(map(str, obj))})"], ""
     bad = sorted(str(k) for k, v in adapter.items() if not isinstance(v, torch.Tensor))
     if bad:
-        return [f"{where}: no LoRA adapter at {lora.key!r}: non-tensor entries {listed(bad)}"]
-    targets = lora_targets(spec.dit_config(), lora.target_modules)
-    problems, pairs, foreign = [], {}, []
-    for key, value in adapter.items():
-        m = LORA_KEY.match(str(key))
-        if m is None:
-            foreign.append(str(key))
-            continue
-        pairs.setdefault(normalize_key(m["module"]), {})[m["part"]] = value
-    if foreign:
-        problems.append(f"{where}: {len(foreign)} keys are not base_model.model.<module>.lora_{{A|B}}.weight: {listed(foreign)}")
-    unknown = sorted(set(pairs) - set(targets))
-    missing = sorted(set(targets) - set(pairs))
-    if unknown:
-        problems.append(f"{where}: adapter for {len(unknown)} modules that are not LoRA targets of this DiT: {listed(unknown)}")
-    if missing:
-        problems.append(f"{where}: no adapter for {len(missing)} of {len(targets)} target modules: {listed(missing)}")
-    shape_problems = []
-    for module in sorted(set(pairs) & set(targets)):
-        pair, (out_f, in_f) = pairs[module], targets[module]
-        if set(pair) != {"A", "B"}:
-            shape_problems.append(f"{where}: {module}: lora_{'B' if 'A' in pair else 'A'} missing")
-            continue
-        want_a, want_b = (lora.rank, in_f), (out_f, lora.rank)
-        for part, want in (("A", want_a), ("B", want_b)):
-            if tuple(pair[part].shape) != want:
-                shape_problems.append(f"base_model.model.{module}.lora_{part}.weight: got {tuple(pair[part].shape)}, "
-                                      f"expected {want} (rank {lora.rank})")
-    problems += [p if p.startswith(where) else f"{where}: {p}" for p in shape_problems[:MAX_LISTED]]
-    if len(shape_problems) > MAX_LISTED:
-        problems.append(f"{where}: ... and {len(shape_problems) - MAX_LISTED} more LoRA shape problems")
-    return problems
+        return [f"{where}: no LoRA adapter at {lora.key!r}: non-tensor entries {listed(bad)}"], ""
+    targets = lora_targets(spec.dit_config(), lora.target_modules, match=lora.match)
+    rule = lora.rule(targets)
+    problems = []
+    try:
+        resolve_lora_rule(rule, declared, where)
+    except CheckpointError as exc:
+        problems.append(str(exc))
+    pairs, found = lora_problems(adapter, rule, targets)
+    problems += [f"{where}: {p}" for p in found[:MAX_LISTED]]
+    if len(found) > MAX_LISTED:
+        problems.append(f"{where}: ... and {len(found) - MAX_LISTED} more LoRA problems")
+    summary = "" if problems else (f"rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.scale:g}), {len(adapter)} "
+                                   f"tensors for {len(pairs)} of {len(targets)} target modules")
+    return problems, summary

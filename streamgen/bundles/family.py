@@ -17,17 +17,27 @@ YAML schema (``FamilySpec``; unknown keys are errors, every error names the file
     description: ...
     reference: "owner/repo @ commit (files)"
     architecture: {dim, ffn_dim, freq_dim, text_dim, text_len, num_heads, num_layers, in_dim, out_dim,
-                   patch_size, eps, qk_norm, cross_attn_norm, rope_theta, rope_max_frames}   # DiTConfig
+                   patch_size, eps, qk_norm, cross_attn_norm, rope_theta, rope_max_frames,   # DiTConfig
+                   variant: t2v | s2v,          # s2v: LiveAvatar's causal Wan2.2-S2V DiT (models/s2v)
+                   s2v: {cond_dim, audio_dim, audio_layers, num_audio_token, audio_inject_layers,
+                         audio_norm_eps, motion_frames, zip_frame_buckets, ref_rope_frame}}  # S2VConfig, s2v only
     video: {width, height, latent_height, latent_width, vae_stride: [4, 8, 8], fps}
     stream: {policy, policy_settings: {...}, sampler, schedule, steps, warp_steps, shift, context_noise,
              chunk_frames, transition: {kind, chunks, interpolation}}                     # StreamConfig
+             # policy s2v_rings (variant s2v only, the DiT's own caches, MODEL_CACHES):
+             #   policy_settings {capacity_frames (ring per step), cond_tokens, rd_range: [lo, hi]}
     files:                         # path: one relative path or a list of alternatives (first found wins)
-      dit: {path, envelope: generator_ema | generator | model | flat (or a preference list), source}
-      lora: {path, key: generator_lora, rank, alpha, target_modules: [...], source}      # optional
+      dit: {path, envelope: generator_ema | generator | model | flat (or a preference list), source,
+            config_json}           # path *.safetensors.index.json: Hugging Face shards (envelope flat);
+                                   # config_json: the model's config.json, checked against architecture
+      lora: {path, key: generator_lora | null, rank, alpha, target_modules: [...], source,   # optional
+             match: block | suffix,       # block: paths inside every DiT block; suffix: PEFT's rule, whole model
+             adapter_name: null | default, prefix_optional: false}   # key form, see checkpoint.LoraRule
       text_encoder: {path, config: {UMT5Config fields}, source}
       tokenizer: {path: <dir>, files: [tokenizer.json], source}
       vae: {path, config: {dim, z_dim, dim_mult, num_res_blocks, attn_scales, temporal_downsample}}
       taehv: {path, optional: true, config: {TAEHVConfig fields}}                       # optional
+      audio_encoder: {path: <dir>, files: [config.json, ...], weights: [model.safetensors, ...]}  # s2v: wav2vec2
 
 This module imports no torch: the CLI parser and `models list` stay fast.
 """
@@ -82,8 +92,38 @@ def _builds(info: ValidationInfo) -> bool:
     return (info.context or {}).get("build", True)
 
 
+class S2VArchitecture(_Strict):
+    """The Wan2.2-S2V extras of `streamgen.models.s2v.S2VConfig` (spec avatar §2.1); the checks here are
+    torch-free, `S2VConfig` itself is built when validation may build (see `_builds`)."""
+
+    cond_dim: int = Field(gt=0)
+    audio_dim: int = Field(gt=0)
+    audio_layers: int = Field(gt=0)  # wav2vec2 hidden states: embedding output + every layer
+    num_audio_token: int = Field(gt=0)
+    audio_inject_layers: tuple[int, ...] = Field(min_length=1)
+    audio_norm_eps: float = Field(1e-5, gt=0)
+    motion_frames: int = Field(gt=0)
+    zip_frame_buckets: tuple[int, int, int]
+    ref_rope_frame: int = Field(ge=0)
+
+    @field_validator("audio_inject_layers")
+    @classmethod
+    def _increasing(cls, layers: tuple[int, ...]) -> tuple[int, ...]:
+        if layers[0] < 0 or any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"audio_inject_layers must be block indices in increasing order, got {list(layers)}")
+        return layers
+
+    @field_validator("zip_frame_buckets")
+    @classmethod
+    def _buckets(cls, buckets: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(b <= 0 for b in buckets):
+            raise ValueError(f"zip_frame_buckets must be positive, got {list(buckets)}")
+        return buckets
+
+
 class Architecture(_Strict):
-    """The DiT's shape: every field of `DiTConfig` (spec §a.1 for Wan2.1-T2V-1.3B)."""
+    """The DiT's shape: every field of `DiTConfig` (spec §a.1 for Wan2.1-T2V-1.3B); `variant: s2v` with an
+    `s2v` block: LiveAvatar's causal Wan2.2-S2V DiT (`S2VConfig`)."""
 
     dim: int = Field(gt=0)
     ffn_dim: int = Field(gt=0)
@@ -100,14 +140,33 @@ class Architecture(_Strict):
     cross_attn_norm: bool
     rope_theta: float = 10000.0
     rope_max_frames: int = Field(1024, gt=0)
+    variant: Literal["t2v", "s2v"] = "t2v"
+    s2v: S2VArchitecture | None = None
 
     @model_validator(mode="after")
-    def _dit_config(self) -> "Architecture":
-        DiTConfig(**self.model_dump())  # head divisibility, even head_dim, temporal patch 1
+    def _dit_config(self, info: ValidationInfo) -> "Architecture":
+        DiTConfig(**self._dit_fields())  # head divisibility, even head_dim, temporal patch 1
+        if (self.variant == "s2v") != (self.s2v is not None):
+            raise ValueError("variant s2v needs an s2v block (and only variant s2v takes one)")
+        if self.s2v is not None:
+            if self.s2v.audio_inject_layers[-1] >= self.num_layers:
+                raise ValueError(f"s2v.audio_inject_layers {list(self.s2v.audio_inject_layers)} outside the "
+                                 f"{self.num_layers} blocks")
+            if _builds(info):
+                self.dit_config()  # S2VConfig's own checks (imports torch)
         return self
 
+    def _dit_fields(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"variant", "s2v"})
+
     def dit_config(self, **overrides: Any) -> DiTConfig:
-        return DiTConfig(**{**self.model_dump(), **overrides})
+        """`DiTConfig`; for variant s2v an `S2VConfig` (a DiTConfig subclass; importing it imports torch)."""
+        values = {**self._dit_fields(), **(self.s2v.model_dump() if self.s2v is not None else {}), **overrides}
+        if self.variant == "s2v":
+            from ..models.s2v.config import S2VConfig
+
+            return S2VConfig(**values)
+        return DiTConfig(**values)
 
 
 class Video(_Strict):
@@ -136,6 +195,27 @@ class TransitionSpec(_Strict):
     kind: Literal["recache", "blend"] = "recache"
     chunks: int = Field(1, ge=1, le=32)
     interpolation: Literal["linear", "slerp"] = "linear"
+
+
+class S2VRingSettings(_Strict):
+    """`policy: s2v_rings` (LiveAvatar, spec avatar §2.6-2.7): one ring of `capacity_frames` latent frames
+    of noisy roped keys per denoising step, a cond ("sink") cache of `cond_tokens` tokens, the reference's
+    RoPE roll drawn from `rd_range` (inclusive) per call."""
+
+    capacity_frames: int = Field(gt=0)
+    cond_tokens: int = Field(gt=0)
+    rd_range: tuple[int, int]
+
+    @field_validator("rd_range")
+    @classmethod
+    def _range(cls, rd: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= rd[0] <= rd[1]:
+            raise ValueError(f"rd_range must be [lo, hi] with 0 <= lo <= hi, got {list(rd)}")
+        return rd
+
+
+# Caches a DiT variant brings itself instead of a `cache.policy` policy: name -> (variant, settings schema).
+MODEL_CACHES: dict[str, tuple[str, type[_Strict]]] = {"s2v_rings": ("s2v", S2VRingSettings)}
 
 
 class StreamSpec(_Strict):
@@ -169,6 +249,13 @@ class StreamSpec(_Strict):
 
     @model_validator(mode="after")
     def _policy_exists(self, info: ValidationInfo) -> "StreamSpec":
+        if self.policy in MODEL_CACHES:  # the DiT's own caches: settings checked here, torch-free
+            try:
+                MODEL_CACHES[self.policy][1].model_validate(self.policy_settings)
+            except ValidationError as exc:
+                detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(settings)'}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"policy {self.policy!r} with policy_settings {self.policy_settings}: {detail}") from None
+            return self
         if not _builds(info):
             return self
         try:
@@ -198,6 +285,13 @@ def stream_spec(**values: Any) -> StreamSpec:
     return StreamSpec.model_validate(values, context={"build": False})
 
 
+def _relative_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
+    for p in paths:
+        if not p or Path(p).is_absolute() or ".." in Path(p).parts:
+            raise ValueError(f"{p!r}: paths are relative to the model dir (no absolute paths, no '..')")
+    return paths
+
+
 class FileSpec(_Strict):
     """A file (or a folder, for the tokenizer) relative to the model dir; a list gives alternatives."""
 
@@ -215,10 +309,7 @@ class FileSpec(_Strict):
     def _relative(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
         if not paths:
             raise ValueError("give at least one path")
-        for p in paths:
-            if not p or Path(p).is_absolute() or ".." in Path(p).parts:
-                raise ValueError(f"{p!r}: paths are relative to the model dir (no absolute paths, no '..')")
-        return paths
+        return _relative_paths(paths)
 
     @property
     def shown(self) -> str:
@@ -226,14 +317,33 @@ class FileSpec(_Strict):
 
 
 class DiTFile(FileSpec):
-    """`envelope`: the entry holding the weights (a list: accepted entries in preference order)."""
+    """`envelope`: the entry holding the weights (a list: accepted entries in preference order). A path
+    ending in ``.index.json`` is a Hugging Face shard index (its shards are flat: envelope flat).
+    `config_json`: the model's own config (Hugging Face ``config.json``), whose architecture fields
+    must equal the YAML's."""
 
     envelope: tuple[Literal["generator_ema", "generator", "model", "flat"], ...] = Field(min_length=1)
+    config_json: str | None = None
 
     @field_validator("envelope", mode="before")
     @classmethod
     def _envelopes(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
+
+    @field_validator("config_json")
+    @classmethod
+    def _config_relative(cls, value: str | None) -> str | None:
+        return None if value is None else _relative_paths((value,))[0]
+
+    @model_validator(mode="after")
+    def _shards_are_flat(self) -> "DiTFile":
+        if self.sharded and self.envelope != ("flat",):
+            raise ValueError(f"a shard index ({self.shown}) names flat shards: envelope must be flat")
+        return self
+
+    @property
+    def sharded(self) -> bool:
+        return any(p.lower().endswith(".index.json") for p in self.path)
 
     @property
     def envelope_text(self) -> str:
@@ -241,10 +351,29 @@ class DiTFile(FileSpec):
 
 
 class LoraFile(FileSpec):
-    key: str = "generator_lora"  # the adapter's entry in the file; a file without it is a bare adapter
+    """A PEFT LoRA adapter, merged at alpha / rank. `match`: how `target_modules` resolve (block: module
+    paths inside every DiT block; suffix: PEFT's rule over the whole model, every Linear named m or
+    ending in .m). `adapter_name` / `prefix_optional`: the key form (`checkpoint.LoraRule`)."""
+
+    key: str | None = "generator_lora"  # the adapter's entry in the file (a file without it, or null: bare adapter)
     rank: int = Field(gt=0)
     alpha: float = Field(gt=0)
     target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS  # Linear modules inside every block
+    match: Literal["block", "suffix"] = "block"
+    adapter_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$")
+    prefix_optional: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def rule(self, targets: Any = None):
+        """The `checkpoint.LoraRule` of this file (imports torch); `targets`: module names that must each
+        get one pair (e.g. `lora_targets(...)`), None: any module of the state dict."""
+        from ..models.checkpoint import LoraRule
+
+        return LoraRule(rank=self.rank, alpha=self.alpha, adapter=self.adapter_name,
+                        prefix_optional=self.prefix_optional, targets=None if targets is None else frozenset(targets))
 
 
 class TextEncoderFile(FileSpec):
@@ -286,6 +415,20 @@ class TAEHVFile(FileSpec):
         return config
 
 
+class AudioEncoderDir(FileSpec):
+    """A Hugging Face wav2vec2 folder (`Wav2Vec2ForCTC.from_pretrained`): every one of `files` and one of
+    `weights` (alternatives); its config.json must give the S2V audio width (hidden_size =
+    architecture.s2v.audio_dim) and hidden-state count (num_hidden_layers + 1 = audio_layers)."""
+
+    files: tuple[str, ...] = ("config.json", "preprocessor_config.json")
+    weights: tuple[str, ...] = Field(("model.safetensors", "pytorch_model.bin"), min_length=1)
+
+    @field_validator("files", "weights")
+    @classmethod
+    def _inside(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return _relative_paths(names)
+
+
 class Files(_Strict):
     dit: DiTFile
     lora: LoraFile | None = None
@@ -293,6 +436,7 @@ class Files(_Strict):
     tokenizer: TokenizerDir
     vae: VAEFile
     taehv: TAEHVFile | None = None
+    audio_encoder: AudioEncoderDir | None = None
 
 
 class FamilySpec(_Strict):
@@ -318,15 +462,41 @@ class FamilySpec(_Strict):
         if files.vae.config.get("z_dim", 16) != arch.in_dim:
             raise ValueError(f"files.vae.config.z_dim {files.vae.config.get('z_dim', 16)} must equal "
                              f"architecture.in_dim {arch.in_dim}")
+        self._s2v_checks()
         if not _builds(info):
             return self
         if self.files.lora is not None:
-            expected = lora_targets(arch.dit_config(), self.files.lora.target_modules, strict=False)
+            lora = self.files.lora
+            expected = lora_targets(arch.dit_config(), lora.target_modules, strict=False, match=lora.match)
             if not expected:
-                raise ValueError(f"files.lora.target_modules {list(self.files.lora.target_modules)} name no Linear "
-                                 "module of a DiT block")
+                where = "a DiT block" if lora.match == "block" else "the DiT (PEFT suffix rule)"
+                raise ValueError(f"files.lora.target_modules {list(lora.target_modules)} name no Linear module of {where}")
         self.stream_config()  # the StreamConfig itself validates sampler/schedule/transition combinations
         return self
+
+    def _s2v_checks(self) -> None:
+        """variant s2v <-> its own caches, the wav2vec2 folder, a cond cache that holds the cond tokens (torch-free)."""
+        arch, stream = self.architecture, self.stream
+        variant = MODEL_CACHES.get(stream.policy, ("t2v", None))[0]
+        if variant != arch.variant:
+            if arch.variant == "s2v":
+                raise ValueError(f"architecture.variant s2v runs with its own caches: stream.policy must be one of "
+                                 f"{[n for n, (v, _) in MODEL_CACHES.items() if v == 's2v']}, got {stream.policy!r}")
+            raise ValueError(f"stream.policy {stream.policy!r} is the cache of architecture.variant {variant}, "
+                             f"not {arch.variant}")
+        if arch.s2v is None:
+            return
+        if self.files.audio_encoder is None:
+            raise ValueError("architecture.variant s2v needs files.audio_encoder (the wav2vec2 folder)")
+        if stream.sampler != "few_step" or stream.schedule != "exact":
+            raise ValueError(f"architecture.variant s2v runs sampler few_step, schedule exact; got {stream.sampler}, "
+                             f"{stream.schedule}")
+        settings = S2VRingSettings.model_validate(stream.policy_settings)
+        need = s2v_cond_tokens(self.video.latent_height, self.video.latent_width, arch.s2v.zip_frame_buckets)
+        if need > settings.cond_tokens:
+            raise ValueError(f"stream.policy_settings.cond_tokens {settings.cond_tokens} cannot hold the {need} cond "
+                             f"tokens (reference + FramePack motion) of a {self.video.latent_height}x"
+                             f"{self.video.latent_width} latent")
 
     # --- derived ---------------------------------------------------------------------------------
     @property
@@ -336,6 +506,13 @@ class FamilySpec(_Strict):
 
     def dit_config(self, **overrides: Any) -> DiTConfig:
         return self.architecture.dit_config(**overrides)
+
+    def require_streamable(self, action: str) -> None:
+        """Refuse `action` (serve, render, bench) for a family the engine cannot stream yet: the audio-driven
+        s2v DiT is checked, shown and merged, but has no audio-conditioned stream (issue 11 items 5–6)."""
+        if self.architecture.variant == "s2v":
+            raise ValueError(f"{self.name} is an audio-driven (s2v) family: `streamgen models check/show` know it, "
+                             f"but it cannot {action} yet (its audio-conditioned stream is not built)")
 
     def latent_size(self, size: str | tuple[int, int] | None = None) -> tuple[int, int]:
         """(latent_height, latent_width) for a pixel size "WIDTHxHEIGHT" (or (width, height)); None: the YAML's."""
@@ -382,6 +559,8 @@ class FamilySpec(_Strict):
             out.append(("taehv", f.taehv, decoder == "taehv" or (decoder is None and not f.taehv.optional)))
         elif decoder == "taehv":
             raise ValueError(f"family {self.name!r} declares no files.taehv; it cannot use the TAEHV decoder")
+        if f.audio_encoder is not None:
+            out.append(("audio_encoder", f.audio_encoder, not f.audio_encoder.optional))
         return out
 
 
@@ -522,11 +701,47 @@ def reduced_architecture(spec: FamilySpec, layers: int | None = None, dim: int |
     return spec.dit_config(**changes)
 
 
-def lora_targets(cfg: DiTConfig, modules: tuple[str, ...], strict: bool = True) -> dict[str, tuple[int, int]]:
-    """{block module path: (out, in)} of every LoRA target in every block."""
+def s2v_cond_tokens(latent_height: int, latent_width: int, buckets: tuple[int, ...]) -> int:
+    """Tokens of the S2V cond sequence: the reference (patch 1x2x2) plus FramePack's 1x / 2x / 4x motion
+    tokens (kernel = stride (c, 2c, 2c) over bucket frames; models/s2v/motion.py, spec avatar §2.5):
+    704x384 pixels (88x48 latent), buckets (1, 2, 16) -> 1056 + 1056 + 264 + 264 = 2640."""
+    h, w = latent_height, latent_width
+    return (h // 2) * (w // 2) + sum((b // c) * (h // (2 * c)) * (w // (2 * c)) for b, c in zip(buckets, (1, 2, 4)))
+
+
+def meta_dit(cfg: DiTConfig):
+    """The DiT of `cfg` on the meta device (shapes, no memory): `S2VDiT` for an `S2VConfig`, else `WanDiT`."""
+    import torch
+
+    from ..models.dit import WanDiT
+    from ..models.s2v import S2VConfig, S2VDiT
+
+    with torch.device("meta"):
+        return S2VDiT(cfg) if isinstance(cfg, S2VConfig) else WanDiT(cfg)
+
+
+def lora_targets(cfg: DiTConfig, modules: tuple[str, ...], strict: bool = True,
+                 match: Literal["block", "suffix"] = "block") -> dict[str, tuple[int, int]]:
+    """{module path: (out, in)} of every LoRA target.
+
+    match "block": `modules` are paths inside a DiT block, targeted in every block (LongLive).
+    "suffix": PEFT's rule over the whole model, every Linear named m or ending in ".m" (LiveAvatar's
+    q,k,v,o,ffn.0,ffn.2: the 40 blocks' attention and FFN and the 12 audio injectors, 448 modules).
+    """
     import torch
 
     from ..models.dit import Block
+
+    if match == "suffix":
+        from ..models.s2v import peft_lora_targets
+
+        model = meta_dit(cfg)
+        linears = {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        names = [f"{n}.weight" for n in linears]
+        unknown = [m for m in modules if not peft_lora_targets(names, (m,))]
+        if unknown and strict:
+            raise ValueError(f"LoRA target modules {unknown} match no Linear layer of the DiT (PEFT suffix rule)")
+        return {t.removesuffix(".weight"): linears[t.removesuffix(".weight")] for t in peft_lora_targets(names, modules)}
 
     with torch.device("meta"):
         block = Block(cfg, 0)

@@ -93,6 +93,7 @@ def load_family(
         encoder), and the VAE / TAEHV at their real dims with random weights. Pictures are meaningless.
     """
     spec = load_family_config(name)
+    spec.require_streamable("be loaded to stream")
     device = torch.device(device)
     dtype = dtype or resolve_dtype("auto", device)
     if decoder not in BUNDLE_DECODERS:
