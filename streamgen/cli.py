@@ -108,7 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_sessions_per_ip=args.max_sessions_per_ip, token=token, ice_servers=args.ice_server,
                          display_size=args.display_size, codec=args.codec, bitrate=args.bitrate, grace_s=args.grace,
                          threads=args.threads, backend=args.backend, scheduler=args.scheduler,
-                         recordings_dir=args.recordings_dir, ray=ray_settings(args) if args.backend == "ray" else {}, **serve_jobs_settings(args),
+                         recordings_dir=args.recordings_dir, offer_rate=args.offer_rate,
+                         allowed_origins=tuple(args.allow_origin), ray=ray_settings(args) if args.backend == "ray" else {}, **serve_jobs_settings(args),
                          **{k: v for k, v in given.items() if v is not None})
     try:
         asyncio.run(serve_forever(config))
@@ -200,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="live sessions at once; more are refused with HTTP 503 (default: %(default)s)")
     serve.add_argument("--max-sessions-per-ip", type=int, default=2,
                        help="live sessions one client address may hold (default: %(default)s)")
+    serve.add_argument("--offer-rate", type=float, default=2.0, metavar="PER_S",
+                       help="new sessions per second one client address may open (bursts of 10; over it: 429 with "
+                            "Retry-After; default %(default)s)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="another site whose pages may call this API, e.g. https://app.example.com (repeatable; "
+                            "the server's own page always may; other browser origins get 403)")
     serve.add_argument("--token-file", metavar="FILE",
                        help="require 'Authorization: Bearer TOKEN' on the API, TOKEN being the file's first line "
                             "(default: $STREAMGEN_TOKEN if set, else no token; a non-loopback --host requires one)")

@@ -1,6 +1,8 @@
-"""Shared test fixtures: the tiny DiT of the golden fixtures and a text encoder for it."""
+"""Shared test fixtures: the tiny DiT of the golden fixtures, a text encoder for it, a local Ray cluster, and a
+guard against tracebacks in the log."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,26 @@ def ray_address(ray_cluster) -> str:
     import ray
 
     return ray.get_runtime_context().gcs_address
+
+
+class Tracebacks(logging.Handler):
+    """Every log record that carries a traceback or is an error."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.levelno >= logging.ERROR:
+            self.records.append(record)
+
+
+@pytest.fixture
+def tracebacks():
+    """Fails the test if anything logged a traceback or an error meanwhile (client input must not)."""
+    handler = Tracebacks()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    yield handler
+    root.removeHandler(handler)
+    assert not handler.records, [f"{r.name}: {r.getMessage()}" for r in handler.records[:5]]

@@ -81,7 +81,8 @@ def test_reconnect_within_grace_resumes_the_same_stream() -> None:
             second = await fresh_frames(client, 16)
             await client.drop()
             # A new client (a reloaded page) resuming with its session_id and a prompt of its own.
-            async with StreamClient(server.url, session_id=sid, prompt="a green field") as again:
+            async with StreamClient(server.url, session_id=sid, resume_token=client.resume_token,
+                                    prompt="a green field") as again:
                 third = await fresh_frames(again, 24)
                 notices = again.notices
             resumed = server.metrics.value("streamgen_sessions_resumed_total")

@@ -109,6 +109,39 @@ def test_uneven_steps_and_two_sessions_sharing_the_pipeline(pipe, tiny_bundle) -
     assert max(shared) == 2  # at least one tick carried both sessions' work
 
 
+def test_a_stream_whose_step_raises_fails_alone(pipe, tiny_bundle) -> None:
+    """Stream `bad` (a `full` cache too small for its length) raises in a stage at chunk 2; stream `good`
+    shares the same stage ticks and goes on, equal to its own in-process run (issue 17: a bad session
+    ended other viewers' streams on Ray)."""
+    bad_overrides = {"seed": 3, "policy": "full", "policy_settings": {"capacity_frames": 15}}
+    out: dict[str, list] = {}
+    errors: dict[str, BaseException] = {}
+
+    def drive(name: str, overrides: dict, chunks: int) -> None:
+        fs = PipelineFrameStream(pipe, tiny_bundle, f"a {name} fox", overrides)
+        got = out.setdefault(name, [])
+        try:
+            for _ in range(chunks):
+                got.append(fs.next())
+        except StreamFailedError as exc:
+            errors[name] = exc
+        finally:
+            fs.close()
+
+    threads = [threading.Thread(target=drive, args=("bad", bad_overrides, 6)),
+               threading.Thread(target=drive, args=("good", {"seed": 4}, 6))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert set(errors) == {"bad"} and "CacheFullError" in str(errors["bad"]), errors
+    assert len(out["bad"]) == 2 and len(out["good"]) == 6
+    ref = local_chunks(tiny_bundle, {"seed": 4}, "a good fox", switch=None, chunks=6)
+    for a, r in zip(out["good"], ref, strict=True):
+        assert (a.latents - r.latents).abs().max() <= 1e-5
+    assert pipe.stats()["sessions"] == 0  # both released, the failed one too
+
+
 def test_admission_is_memory_budgeted(pipe, tiny_bundle) -> None:
     saved = pipe.cfg.kv_budget_bytes
     pipe.cfg.kv_budget_bytes = 1024

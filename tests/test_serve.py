@@ -112,6 +112,7 @@ async def offer_sdp() -> str:
 
 async def post(url: str, body: bytes | dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
+    headers = {"Content-Type": "application/json", **(headers or {})}
     async with aiohttp.ClientSession() as http, http.post(url + "/offer", data=data, headers=headers) as r:
         return r.status, await r.json(content_type=None)
 

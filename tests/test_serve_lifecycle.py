@@ -2,9 +2,20 @@
 counters, generation threads; and the serving core's loop never blocks /health."""
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
 
 from .test_serve import StreamClient, run, serving, until
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _generation_threads() -> list[str]:
@@ -13,7 +24,7 @@ def _generation_threads() -> list[str]:
 
 def test_sessions_opened_and_dropped_leave_nothing_behind() -> None:
     async def main() -> None:
-        async with serving(max_sessions=2, max_sessions_per_ip=2, grace_s=0.3) as server:
+        async with serving(max_sessions=2, max_sessions_per_ip=2, grace_s=0.3, offer_rate=100.0) as server:
             engine = server.backend.engine
             warm = StreamClient(server.url, prompt="a red circle")
             await warm.connect()
@@ -59,3 +70,32 @@ def test_stopping_the_server_closes_every_peer_and_stream() -> None:
             await client.close(delete=False)
 
     run(main(), timeout=120)
+
+
+@pytest.mark.parametrize("backend, sig", [("local", signal.SIGTERM), ("ray", signal.SIGTERM), ("ray", signal.SIGINT)])
+def test_a_signal_stops_the_server_cleanly(tmp_path: Path, backend: str, sig: signal.Signals) -> None:
+    """SIGTERM/SIGINT: exit 0 after closing sessions and releasing the backend (ray.init installs a SIGTERM
+    handler that aborts the process: the server takes the signal back once the backend is up)."""
+    argv = [sys.executable, "-m", "streamgen.cli", "serve", "--port", "0", "--model", "tiny-random", "--threads", "1",
+            "--jobs-dir", str(tmp_path / "jobs"), "--recordings-dir", str(tmp_path / "rec"), "--backend", backend]
+    if backend == "ray":
+        argv += ["--ray-cpus", "0.5", "--stages", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "STREAMGEN_TOKEN"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**env, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("streamgen serve: http://"):
+                break
+        url = re.search(r"http://\S+", lines[-1]).group(0)
+        with urllib.request.urlopen(url + "/health", timeout=30) as r:
+            assert r.status == 200
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    log = "".join(lines) + (out or "")
+    assert proc.returncode == 0, log[-3000:]
+    assert "SIGTERM received" not in log and "Traceback" not in log, log[-3000:]

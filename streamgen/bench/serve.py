@@ -243,7 +243,8 @@ async def _bench_one(args: argparse.Namespace, scheduler: str) -> dict[str, Any]
         most = max(loads)
         server = Server(ServeConfig(port=0, model=args.model or ServeConfig.model, max_sessions=max(most, args.max_sessions or 0),
                                     max_sessions_per_ip=max(most, args.max_sessions or 0), threads=args.threads,
-                                    codec=args.codec or "vp8", scheduler=scheduler))
+                                    codec=args.codec or "vp8", scheduler=scheduler,
+                                    offer_rate=1000.0))  # every simulated viewer shares one address
         await server.start()
         url = server.url
     try:
@@ -328,6 +329,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     import logging
 
     logging.getLogger("aioice").setLevel(logging.WARNING)
+    if args.offer_flood:
+        from . import offer_flood
+
+        result = asyncio.run(offer_flood.run(args))
+        print(offer_flood.render(result))
+        print(f"saved {save_result(result, args.out, 'serve-offer-flood')}")
+        return 0
     try:
         result = asyncio.run(_bench(args))
     except RuntimeError as exc:
@@ -357,6 +365,10 @@ def add_serve_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--codec", choices=["vp8", "h264"], help="codec to ask for (default: the server's, VP8)")
     p.add_argument("--token", help="bearer token of the server at --url")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the discarded warm-up session")
+    p.add_argument("--offer-flood", action="store_true",
+                   help="instead: a healthy viewer's new-frame rate before and during a flood of session create/delete "
+                        "cycles from one address, with the per-address offer limit and without it (--seconds per window)")
+    p.add_argument("--offer-rate", type=float, default=2.0, help="with --offer-flood: the limit measured (default 2/s)")
     p.add_argument("--out", type=Path, help="JSON file (default bench-results/serve-MODEL-TIME.json)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench_serve)

@@ -11,15 +11,15 @@ import logging
 from aiohttp import web
 from pydantic import ValidationError
 
-from ..backends import Backend, CapacityError
+from ..backends import Backend
 from ..engine.prompts import describe_prompt, prompt_vocabulary
 from ..errors import InputError
-from .appstate import BACKEND, CONFIG, MANAGER, MAX_BODY_BYTES, METRICS, error
+from .appstate import BACKEND, CONFIG, MANAGER, MAX_BODY_BYTES, METRICS, OFFER_LIMITER, error, open_session
 from .config import ServeConfig
 from .errors import describe
 from .ice import check_offer, ice_servers
-from .limits import Handler, bearer_auth
-from .manager import Refused, SessionManager
+from .limits import AddressRateLimiter, Handler, bearer_auth, origin_check
+from .manager import SessionManager
 from .metrics import Metrics
 from .protocol import Offer, RecordingRequest, load_json
 from .whep import add_whep_routes
@@ -52,6 +52,8 @@ async def post_offer(request: web.Request) -> web.Response:
 
 
 async def _offer(request: web.Request) -> web.Response:
+    if request.content_type != "application/json":
+        return error(415, f"POST /offer takes Content-Type: application/json, not {request.content_type or 'none'}")
     try:
         body = load_json(await request.read(), "body", MAX_BODY_BYTES)
     except InputError as exc:
@@ -64,15 +66,12 @@ async def _offer(request: web.Request) -> web.Response:
         return error(422, describe(exc, Offer))
     if (reason := check_offer(offer.sdp)) is not None:
         return error(400, reason)
-    try:
-        session, answer = await request.app[MANAGER].offer(offer, request.remote or "unknown")
-    except CapacityError as exc:
-        return error(503, str(exc), **{"Retry-After": "5"})
-    except Refused as exc:
-        return error(exc.status, exc.reason)
-    except InputError as exc:  # the backend refused the prompt or settings
-        return error(400, str(exc))
-    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
+    opened = await open_session(request, offer)
+    if isinstance(opened, web.Response):
+        return opened
+    session, answer = opened
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id,
+                              "resume_token": session.resume_token})
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -174,15 +173,21 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 async def static(request: web.Request) -> web.StreamResponse:
     root = request.app[CONFIG].web_root.resolve()
-    path = (root / request.match_info["path"]).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    try:
+        path = (root / request.match_info["path"]).resolve()
+        found = path.is_relative_to(root) and path.is_file()
+    except (ValueError, OSError):  # a NUL byte, a name too long: no such file either way
+        found = False
+    if not found:
         return error(404, f"no static file {request.match_info['path']!r} under {root.name}/")
     return web.FileResponse(path)
 
 
 def create_app(config: ServeConfig, backend: Backend, manager: SessionManager, metrics_: Metrics) -> web.Application:
-    app = web.Application(middlewares=[json_errors, bearer_auth(config.token)], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[json_errors, origin_check(config.allowed_origins), bearer_auth(config.token)],
+                          client_max_size=MAX_BODY_BYTES)
     app[CONFIG], app[BACKEND], app[MANAGER], app[METRICS] = config, backend, manager, metrics_
+    app[OFFER_LIMITER] = AddressRateLimiter(config.offer_rate, config.offer_burst)
     app.router.add_post("/offer", post_offer)
     app.router.add_get("/sessions/{sid}", get_session)
     app.router.add_delete("/sessions/{sid}", delete_session)

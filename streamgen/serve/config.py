@@ -33,6 +33,9 @@ class ServeConfig:
     queue_chunks: int = 2  # most chunks generated ahead of playback (fewer when chunks compute fast)
     stats_interval_s: float = 1.0
     control_rate: float = 20.0  # control messages per second per session (token bucket, burst = rate)
+    offer_rate: float = 2.0  # sessions opened per second per client address (POST /offer, /whep) ...
+    offer_burst: int = 10  # ... in bursts of up to this many
+    allowed_origins: tuple[str, ...] = ()  # other sites whose pages may call the API (this server's own always may)
     threads: int | None = None  # torch intra-op threads; None: see torch_threads()
     backend: str = "local"  # where streams run: local (in process) or ray
     scheduler: str = "engine"  # local backend: one batched engine loop for all sessions, or "threads" (one per session)
@@ -44,6 +47,8 @@ class ServeConfig:
     jobs_max_queued: int = 100
 
     def __post_init__(self) -> None:
+        if not self.offer_rate > 0 or self.offer_burst < 1:
+            raise ValueError(f"offer_rate must be > 0 and offer_burst ≥ 1, got {self.offer_rate}, {self.offer_burst}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
 

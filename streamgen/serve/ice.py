@@ -78,7 +78,11 @@ def check_offer(sdp: str, control: bool = True) -> str | None:
         return "the offer has no video section: add a receive-only video transceiver"
     if control and "application" not in kinds:
         return "the offer has no data channel: create one labelled 'control' before the offer"
-    for media in description.media:
+    for index, media in enumerate(description.media):
+        if not media.rtp.muxId:
+            return f"malformed SDP: media section {index} ({media.kind}) has no a=mid line"
+        if media.dtls is None or media.ice is None:
+            return f"malformed SDP: media section {index} ({media.kind}) lacks its DTLS fingerprint or ICE credentials"
         if media.kind == "video" and media.direction not in (None, "recvonly", "sendrecv"):
             return f"the offer's video is {media.direction}: it must receive (recvonly or sendrecv)"
     return None

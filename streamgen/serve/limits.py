@@ -1,12 +1,16 @@
 """Security basics: where the bearer token comes from, the rule that an exposed server has one, the
-token check, and the per-session control-message rate limit."""
+token check, the cross-site (Origin) check, and the rate limits (control messages per session, offers
+per client address)."""
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -75,3 +79,55 @@ class RateLimiter:
             self._tokens -= 1.0
             return True
         return False
+
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def origin_check(allowed: Iterable[str]):
+    """Middleware refusing state-changing requests a browser sends from another site (CSRF): with an
+    `Origin` header, a POST/DELETE/PATCH must come from this server's own origin or one in `allowed`.
+    Requests without `Origin` (curl, the Python client) pass: no browser sent them on a page's behalf."""
+    allowed = frozenset(o.rstrip("/").lower() for o in allowed)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None or request.method in SAFE_METHODS:
+            return await handler(request)
+        origin = origin.rstrip("/").lower()
+        parts = urlsplit(origin)
+        if parts.netloc != request.host.lower() and origin not in allowed:
+            return web.json_response({"error": f"cross-site request from {origin!r} refused: the page must come from "
+                                               "this server, or start it with --allow-origin ORIGIN"}, status=403)
+        return await handler(request)
+
+    return middleware
+
+
+class AddressRateLimiter:
+    """One token bucket per client address (`rate` per second, bursts of `burst`), for requests that
+    cost the server real work (opening a session); the oldest idle addresses are forgotten beyond `keep`."""
+
+    def __init__(self, rate: float, burst: int, keep: int = 4096) -> None:
+        self.rate, self.burst, self.keep = rate, burst, keep
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address → (tokens, at)
+
+    def retry_after(self, address: str) -> float:
+        """0 when `address` may go ahead now (and counts it), else the seconds until it may."""
+        now = time.monotonic()
+        tokens, at = self._buckets.pop(address, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+        self._buckets[address] = (tokens - 1.0 if wait == 0.0 else tokens, now)
+        while len(self._buckets) > self.keep:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def refusal(self, address: str) -> tuple[str, str] | None:
+        """(reason, Retry-After seconds) when `address` is over its rate, else None."""
+        wait = self.retry_after(address)
+        if wait == 0.0:
+            return None
+        return (f"too many new sessions from this address (limit {self.rate:g}/s, bursts of {self.burst}); "
+                f"retry in {wait:.1f} s", str(max(1, math.ceil(wait))))

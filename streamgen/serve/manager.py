@@ -6,6 +6,7 @@ per-client limit and closes sessions whose peer did not (re)connect by their dea
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import time
@@ -87,6 +88,11 @@ class SessionManager:
         if session is None:
             raise Refused(404, f"no session {offer.session_id!r}: it ended or its {self.config.grace_s:g} s grace period "
                                "passed; send the offer without session_id to start a new one")
+        if not hmac.compare_digest((offer.resume_token or "").encode(), session.resume_token.encode()):
+            raise Refused(403, f"resuming session {session.id} needs the resume_token its first answer gave")
+        if session.state == "streaming" and not offer.takeover:
+            raise Refused(409, f"session {session.id} has a connected viewer; resume it once that viewer is gone, "
+                               "or send takeover: true to replace it")
         answer = await self._connect(session, offer.sdp)
         if offer.params is not None and offer.params.changes():
             await session.set_params(offer.params.changes(), None)

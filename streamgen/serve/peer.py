@@ -10,6 +10,7 @@ import contextlib
 import logging
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcsctptransport import WEBRTC_STRING, RTCSctpTransport
 from pydantic import BaseModel
 
 from . import ice
@@ -25,6 +26,23 @@ log = logging.getLogger(__name__)
 
 OUTBOX_LIMIT = 64  # messages kept while the control channel is not open yet (acks of offer-time changes)
 
+
+
+def keep_invalid_text(sctp: RTCSctpTransport) -> None:
+    """A text frame that is not UTF-8 reaches the channel as bytes (answered with an error by the control
+    protocol) instead of raising inside aiortc's receive loop, which would drop the whole connection."""
+    receive = sctp._data_channel_receive
+
+    async def guarded(stream_id: int, pp_id: int, data: bytes) -> None:
+        if pp_id == WEBRTC_STRING and (channel := sctp._data_channels.get(stream_id)) is not None:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                channel.emit("message", bytes(data))
+                return
+        await receive(stream_id, pp_id, data)
+
+    sctp._data_channel_receive = guarded
 
 class Peer:
     def __init__(self, session: Session, config: ServeConfig, metrics: Metrics) -> None:
@@ -48,6 +66,8 @@ class Peer:
         transceiver = self.pc.addTransceiver("video", direction="sendonly")  # claims the offer's video section
         transceiver.setCodecPreferences(ice.codec_preferences(self.config.codec))
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        if self.pc.sctp is not None:
+            keep_invalid_text(self.pc.sctp)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self.codec = ice.negotiated_codec(self.pc.localDescription.sdp)
         encoder = VideoEncoder(self.codec, self.session.fps, self.config.bitrate, self.config.keyframe_interval_s)
@@ -68,7 +88,10 @@ class Peer:
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        await self.pc.close()
+        try:
+            await self.pc.close()
+        except Exception as exc:  # aiortc tears down transports an offer that failed half-way never started
+            log.debug("closing a half-negotiated peer: %s: %s", type(exc).__name__, exc)
 
     # --- events --------------------------------------------------------------------------------
     async def _on_state(self) -> None:

@@ -162,14 +162,17 @@ class RecordingRequest(BaseModel):
 
 
 class Offer(BaseModel):
-    """POST /offer body; `session_id` asks to resume a session whose peer went away (grace period)."""
+    """POST /offer body; `session_id` + `resume_token` (from the session's first answer) resume a session
+    whose peer went away (grace period); `takeover` also replaces a viewer that is still connected."""
 
     model_config = ConfigDict(extra="forbid")
     sdp: str = Field(max_length=100_000)
     type: Literal["offer"]
     prompt: str | None = None
     params: StreamParams | None = None
-    session_id: str | None = None
+    session_id: str | None = Field(None, max_length=64)
+    resume_token: str | None = Field(None, max_length=128)
+    takeover: bool = False
     _check = field_validator("prompt")(classmethod(lambda cls, v: v if v is None else _prompt_text(v)))
 
 

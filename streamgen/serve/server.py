@@ -97,9 +97,14 @@ async def serve_forever(config: ServeConfig) -> None:
     """Run until SIGINT/SIGTERM (the `streamgen serve` command)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+
+    def on_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+
+    on_signals()
     async with Server(config) as server:
+        on_signals()  # again: ray.init installs its own SIGTERM handler, which aborts the process
         print(f"streamgen serve: {server.url} (model {config.model}; Ctrl-C stops)", flush=True)
         await stop.wait()

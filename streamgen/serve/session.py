@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +43,7 @@ class Session:
                  client_ip: str, on_closed: Callable[[Session], None], controls: Executor) -> None:
         """`controls` runs the blocking part of a control (encoding a prompt) off the event loop."""
         self.id = sid
+        self.resume_token = secrets.token_urlsafe(24)  # the id is public (URLs, logs); resuming needs this too
         self.stream = stream
         self.fps = stream.fps
         self.client_ip = client_ip

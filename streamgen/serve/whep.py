@@ -18,12 +18,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from ..backends import CapacityError
-from ..errors import InputError
-from .appstate import MANAGER, METRICS, error
+from .appstate import MANAGER, METRICS, error, open_session
 from .errors import describe
 from .ice import check_offer
-from .manager import Refused
 from .protocol import Offer
 
 SDP = "application/sdp"
@@ -63,14 +60,10 @@ async def _post_whep(request: web.Request) -> web.Response:
                                       "params": _query_params(query) or None})
     except ValidationError as exc:
         return error(422, describe(exc, Offer))
-    try:
-        session, answer = await request.app[MANAGER].offer(offer, request.remote or "unknown")
-    except CapacityError as exc:
-        return error(503, str(exc), **{"Retry-After": "5"})
-    except Refused as exc:
-        return error(exc.status, exc.reason)
-    except InputError as exc:
-        return error(400, str(exc))
+    opened = await open_session(request, offer)
+    if isinstance(opened, web.Response):
+        return opened
+    session, answer = opened
     location = str(request.app.router["whep_session"].url_for(sid=session.id))
     return web.Response(status=201, text=answer.sdp, content_type=SDP, headers={"Location": location})
 

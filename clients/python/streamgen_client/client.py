@@ -55,12 +55,14 @@ class ControlError(Exception):
 
 class StreamClient:
     def __init__(self, url: str, prompt: str | None = None, *, params: dict[str, Any] | None = None,
-                 token: str | None = None, session_id: str | None = None, ice_servers: list[dict[str, Any]] | None = None,
-                 codec: str | None = None, record: str | None = None, buffer: int = 256) -> None:
+                 token: str | None = None, session_id: str | None = None, resume_token: str | None = None,
+                 ice_servers: list[dict[str, Any]] | None = None, codec: str | None = None, record: str | None = None,
+                 buffer: int = 256) -> None:
         self.url = url.rstrip("/")
         self.prompt = prompt
         self.params = params
         self.session_id = session_id
+        self.resume_token = resume_token  # what resuming `session_id` needs: the server gives it with the first answer
         self.codec = codec  # "vp8" | "h264" to ask for one; None: the server's preference
         self.ice_servers = ice_servers  # RTCIceServer fields ({"urls", "username", "credential"}); None: ask the server
         self.stats: dict[str, Any] | None = None  # the latest `stats` message
@@ -92,8 +94,9 @@ class StreamClient:
 
     # --- connection --------------------------------------------------------------------------
     async def connect(self, timeout: float = 15.0) -> None:
-        """Offer, answer, and wait until the control channel is open. With `session_id` set this resumes that
-        session (the first connect still sends `prompt`/`params`, applied as changes; later ones send neither)."""
+        """Offer, answer, and wait until the control channel is open. With `session_id` (and its
+        `resume_token`) set this resumes that session, replacing a viewer of it that is still connected (the
+        first connect still sends `prompt`/`params`, applied as changes; later ones send neither)."""
         started = time.monotonic()
         if self._http is None:
             self._http = aiohttp.ClientSession(headers=self._headers)
@@ -118,9 +121,9 @@ class StreamClient:
         if not self._connected:  # a reconnect only resumes: the server kept prompt and params
             body.update({k: v for k, v in (("prompt", self.prompt), ("params", self.params)) if v})
         if self.session_id:
-            body["session_id"] = self.session_id
+            body.update(session_id=self.session_id, resume_token=self.resume_token, takeover=True)
         answer = await self._request("POST", "/offer", json=body)
-        self.session_id, self._connected = answer["session_id"], True
+        self.session_id, self.resume_token, self._connected = answer["session_id"], answer["resume_token"], True
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         track = await asyncio.wait_for(track_ready, timeout)
         await asyncio.wait_for(opened, timeout)

@@ -389,8 +389,15 @@ class Pipeline:
                               "stages": [{k: rep[k] for k in ("compute_s", "recv", "end", "forwards", "items", "out_bytes")}
                                          for rep in reps],
                               "decoder": {k: dec[k] for k in ("compute_s", "recv", "end")}, "done": time.time()})
+        failed = {sid: (rep["stage"], reason) for rep in reps for sid, reason in rep["failed"].items()}
         for r in batch:
             sess = r.session
+            if sess.sid in failed:  # its own step raised in a stage: this stream fails, the others go on
+                stage, reason = failed[sess.sid]
+                sess.failed = StreamFailedError(f"stream {sess.sid} failed in stage {stage}: {reason}")
+                r.error = sess.failed
+                r.done.set()
+                continue
             item = dec["chunks"].get(sess.sid)
             if item is None:
                 r.result = TickResult()
@@ -406,7 +413,7 @@ class Pipeline:
         dead = self._find_dead()
         reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         if not dead and isinstance(error, RayTaskError) and not isinstance(error, RayActorError):
-            # a stage raised (a real stream error, e.g. a cache policy refusing): the streams of this tick fail
+            # a stage raised outside any one stream's step (those fail alone, see StageActor.tick): the whole tick fails
             cause = getattr(error, "cause", None) or error
             for r in batch:
                 r.session.failed = cause

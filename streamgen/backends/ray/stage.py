@@ -240,14 +240,15 @@ class StageActor:
                 if work is not None:
                     groups.setdefault(sess.key, []).append((sid, sess, k, work))
         seen: dict[str, list] = {}
+        failed: dict[str, str] = {}
         forwards = 0
         for key, items in groups.items():
-            slots = [sess.slots[k] for _, sess, k, _ in items]
-            works = [w for *_, w in items]
             batched = self.batched and key[-1]  # the stream's own batch_slots, as in process
-            done = run_slots(self.denoisers[key], slots, works, batched)
-            forwards += 1 if batched else len(items)
+            done, ran = self._run_group(self.denoisers[key], items, batched, failed)
+            forwards += ran
             for (sid, sess, k, work), new in zip(items, done):
+                if new is None:  # this stream's step raised: it fails alone, the tick goes on for the others
+                    continue
                 if k != 0:  # step 0's inputs are the chunk's initial noise: the driver can redraw it
                     seen.setdefault(sid, []).append((k, work.chunk, pack(work.x)))
                 if k == sess.spec.steps[-1]:
@@ -255,13 +256,43 @@ class StageActor:
                                         work.inputs.noise.seed)
                 else:
                     sess.in_flight[k + 1] = new
+        for sid in failed:
+            out.pop(sid, None)
+            self.drop_session(sid)
         for sid, cid in newest.items():
-            self.sessions[sid].prune_contexts(cid)
+            if sid in self.sessions:
+                self.sessions[sid].prune_contexts(cid)
         compute = time.perf_counter() - t0
         self.ticks += 1
         self.busy_s += compute
-        return out, {"stage": self.index, "seen": seen, "compute_s": compute, "recv": t_recv, "end": time.time(),
-                     "forwards": forwards, "items": sum(len(v) for v in groups.values()), "out_bytes": nbytes(out)}
+        return out, {"stage": self.index, "seen": seen, "failed": failed, "compute_s": compute, "recv": t_recv,
+                     "end": time.time(), "forwards": forwards, "items": sum(len(v) for v in groups.values()),
+                     "out_bytes": nbytes(out)}
+
+    @staticmethod
+    def _run_group(denoiser: Denoiser, items: list[tuple[str, _StageSession, int, SlotWork]], batched: bool,
+                   failed: dict[str, str]) -> tuple[list[SlotWork | None], int]:
+        """The group's steps as one forward; if that raises, each stream's alone, so that only the streams
+        whose own step raises fail (named in `failed`, their result None). Returns results and forwards."""
+        slots = [sess.slots[k] for _, sess, k, _ in items]
+        works = [w for *_, w in items]
+        try:
+            return list(run_slots(denoiser, slots, works, batched)), 1 if batched else len(items)
+        except Exception as exc:
+            if len(items) == 1:
+                failed[items[0][0]] = f"{type(exc).__name__}: {exc}"[:500]
+                return [None], 1
+        done: list[SlotWork | None] = []
+        for item, slot, work in zip(items, slots, works):
+            if item[0] in failed:
+                done.append(None)
+                continue
+            try:
+                done.extend(run_slots(denoiser, [slot], [work], False))
+            except Exception as exc:
+                failed[item[0]] = f"{type(exc).__name__}: {exc}"[:500]
+                done.append(None)
+        return done, 1 + len(items)
 
     @staticmethod
     def _arriving(sid: str, sess: _StageSession, manifest: dict[str, Any], incoming: tuple) -> WireWork | None:

@@ -25,6 +25,7 @@ const ui = {
 const stat = Object.fromEntries([...ui.stats.querySelectorAll("[data-stat]")].map((el) => [el.dataset.stat, el]));
 
 const KEY_SESSION = "streamgen.session";
+const KEY_RESUME = "streamgen.resume"; // the session's resume token: only this tab may take it over
 const KEY_TOKEN = "streamgen.token";
 const LOG_LIMIT = 300;
 const LOG_PROMPT_CHARS = 80; // a prompt quoted in the log is cut to this many characters
@@ -38,6 +39,7 @@ const state = {
   pc: null,
   channel: null,
   sessionId: sessionStorage.getItem(KEY_SESSION),
+  resumeToken: sessionStorage.getItem(KEY_RESUME),
   userClosed: true,
   nextId: 1,
   pending: new Map(), // id → {type, text, sent}
@@ -198,7 +200,7 @@ async function connect({ fallbackToNew = true } = {}) {
   if (state.pc !== pc) return; // disconnected meanwhile
 
   const body = { sdp: pc.localDescription.sdp, type: "offer" };
-  if (resuming) body.session_id = state.sessionId;
+  if (resuming) Object.assign(body, { session_id: state.sessionId, resume_token: state.resumeToken, takeover: true });
   else if (prompt) body.prompt = prompt;
 
   let answer;
@@ -221,7 +223,7 @@ async function connect({ fallbackToNew = true } = {}) {
     return fail(err);
   }
   if (state.pc !== pc) return;
-  rememberSession(answer.session_id);
+  rememberSession(answer.session_id, answer.resume_token);
   if (resuming) log("info", `resumed session ${answer.session_id.slice(0, 8)}`);
   else log("info", `session ${answer.session_id.slice(0, 8)} started` + (body.prompt ? ` with ${quote(body.prompt)}` : ""));
   await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
@@ -364,14 +366,17 @@ async function disconnect() {
   }
 }
 
-function rememberSession(id) {
+function rememberSession(id, resumeToken) {
   state.sessionId = id;
+  state.resumeToken = resumeToken;
   sessionStorage.setItem(KEY_SESSION, id);
+  sessionStorage.setItem(KEY_RESUME, resumeToken);
 }
 
 function forgetSession() {
-  state.sessionId = null;
+  state.sessionId = state.resumeToken = null;
   sessionStorage.removeItem(KEY_SESSION);
+  sessionStorage.removeItem(KEY_RESUME);
 }
 
 // --- control channel ----------------------------------------------------------------------------
