@@ -389,3 +389,12 @@ def test_streaming_the_s2v_family_is_refused_with_the_reason() -> None:
         load_family("live-avatar", random_weights=True)
     with pytest.raises(ValueError, match="cannot be benchmarked yet"):
         bench_engine_setup("live-avatar", layers=2)
+
+
+def test_models_show_names_the_lora_rule(capsys) -> None:
+    from streamgen.cli import main
+
+    assert main(["models", "show", "live-avatar"]) == 0
+    out = capsys.readouterr().out
+    assert "[bare adapter, rank 128, alpha 64 (scale 0.5), 6 module names by PEFT's suffix rule (448 modules)]" in out
+    assert "1260 keys, 16,295,755,609 params" in out

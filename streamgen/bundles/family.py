@@ -86,6 +86,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _one_or_many(value: Any) -> Any:
+    """A YAML field that takes one string or a list of them: one string becomes a 1-tuple."""
+    return (value,) if isinstance(value, str) else value
+
+
 def _builds(info: ValidationInfo) -> bool:
     """Whether validation may build the torch objects some checks need (cache policy, StreamConfig, DiT
     block): not when only listing, which then stays torch-free and quick (context {"build": False})."""
@@ -299,10 +304,7 @@ class FileSpec(_Strict):
     optional: bool = False
     source: str | None = None  # where to get it (Hugging Face repo), for messages
 
-    @field_validator("path", mode="before")
-    @classmethod
-    def _paths(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, str) else value
+    _paths = field_validator("path", mode="before")(classmethod(lambda cls, value: _one_or_many(value)))
 
     @field_validator("path")
     @classmethod
@@ -325,10 +327,7 @@ class DiTFile(FileSpec):
     envelope: tuple[Literal["generator_ema", "generator", "model", "flat"], ...] = Field(min_length=1)
     config_json: str | None = None
 
-    @field_validator("envelope", mode="before")
-    @classmethod
-    def _envelopes(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, str) else value
+    _envelopes = field_validator("envelope", mode="before")(classmethod(lambda cls, value: _one_or_many(value)))
 
     @field_validator("config_json")
     @classmethod

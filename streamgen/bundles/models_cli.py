@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .builtins import BUILTINS, DEFAULT_MODEL, BuiltinModel
-from .family import CONFIG_ENV, DECODERS, FamilyConfigError, FamilySpec, load_all, load_family_config
+from .family import CONFIG_ENV, DECODERS, FamilyConfigError, FamilySpec, load_all, load_family_config, lora_targets
 
 if TYPE_CHECKING:  # torch: only when a built-in model is listed or shown
     from .bundle import ModelBundle
@@ -102,7 +102,10 @@ def render_show(spec: FamilySpec) -> str:
         if role == "dit":
             extra = f" [envelope {fs.envelope_text}]"
         elif role == "lora":
-            extra = f" [{fs.key}, rank {fs.rank}, alpha {fs.alpha:g}, {len(fs.target_modules)} modules per block]"
+            where = ("per block" if fs.match == "block" else
+                     f"by PEFT's suffix rule ({len(lora_targets(cfg, fs.target_modules, match='suffix'))} modules)")
+            extra = (f" [{fs.key or 'bare adapter'}, rank {fs.rank}, alpha {fs.alpha:g} (scale {fs.scale:g}), "
+                     f"{len(fs.target_modules)} module names {where}]")
         lines.append(f"    {role:<12} {fs.shown}{extra}{'' if required else ' (optional)'}"
                      + (f"  <- {fs.source}" if fs.source else ""))
     return "\n".join(line for line in lines if line)
