@@ -340,6 +340,36 @@ def test_jobs_api_and_cli(tmp_path, one_thread) -> None:
     asyncio.run(asyncio.wait_for(main(), HANG_S * 2))
 
 
+def test_a_live_session_preempts_a_job_which_resumes_bit_exact(tmp_path, backend) -> None:
+    """One stream of capacity, held by a render job: a viewer's offer pauses the job at a chunk boundary
+    (checkpointed, stream released) and gets its frames; the job resumes when the viewer leaves and its
+    latents are still those of `streamgen render`."""
+    from streamgen_client import StreamClient
+
+    body = {"id": "long", "timeline": TIMELINE, "seconds": 12, "seed": 9}
+
+    async def main() -> tuple[list[str], Path]:
+        config = ServeConfig(port=0, model="tiny-random", threads=1, max_sessions=1, jobs_dir=tmp_path)
+        async with Server(config) as server, aiohttp.ClientSession() as http:
+            async with http.post(f"{server.url}/jobs", json=body) as r:
+                assert r.status == 202
+            store = server.jobs.store
+            await asyncio.to_thread(wait_for, lambda: store.get("long").frames_done > 0, "the job running")
+            async with StreamClient(server.url, prompt="a red fox") as viewer:
+                await viewer.next_frame(timeout=HANG_S)  # admitted although the job held the only stream
+                assert store.get("long").state in ("paused", "running")
+            await asyncio.to_thread(wait_for, lambda: store.get("long").state in ("succeeded", "failed"), "the job")
+            return [e.data["state"] if e.kind == "state" else e.kind for e in store.events("long")
+                    if e.kind in ("state", "resumed")], store.job_dir("long")
+
+    history, folder = asyncio.run(asyncio.wait_for(main(), HANG_S * 2))
+    assert history[:4] == ["queued", "running", "paused", "running"] and history[4] == "resumed", history
+    assert history[-1] == "succeeded" and "failed" not in history, history
+    _, spec = parse_spec(body)
+    assert torch.equal(load_latents(folder / "latents.safetensors")[0], reference_latents(spec, backend, tmp_path))
+    assert decoded_frames(folder / "output.mp4") == round(12 * backend.bundle.fps)
+
+
 # --- kill -9 of a real server ----------------------------------------------------------------------
 def _serve(jobs_dir: Path) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if k != "STREAMGEN_TOKEN"}

@@ -69,11 +69,16 @@ class Interrupted(Exception):
     """The runner was asked to stop (server shutdown) and checkpointed: the job stays `running`, resumable."""
 
 
+class Preempted(Exception):
+    """A live session needed the job's stream: it checkpointed at a chunk boundary and released it."""
+
+
 def run(job: Job, store: JobStore, backend, stop: threading.Event, cancel: threading.Event,
-        checkpoint_every: int = 4) -> str:
+        checkpoint_every: int = 4, preempt: threading.Event | None = None) -> str:
     """Run (or resume) a job in state running to its end; returns the final state. Raises Interrupted
-    when `stop` is set (after a checkpoint at that chunk boundary) and CapacityError when the
-    backend has no room for another stream (the job stays running: it resumes later)."""
+    when `stop` is set and Preempted when `preempt` is (each after a checkpoint at that chunk boundary;
+    the stream is released), and CapacityError when the backend has no room for another stream (the job
+    stays running: it resumes later)."""
     bundle = backend.bundle
     folder = store.job_dir(job.id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,6 +131,9 @@ def run(job: Job, store: JobStore, backend, stop: threading.Event, cancel: threa
                 if stop.is_set():
                     commit()
                     raise Interrupted(job.id)
+                if preempt is not None and preempt.is_set():
+                    commit()
+                    raise Preempted(job.id)
                 chunk = fs.next()
                 chunks += 1
                 frames = chunk.frames[: total - done]
@@ -160,7 +168,7 @@ def run(job: Job, store: JobStore, backend, stop: threading.Event, cancel: threa
                 (folder / f"{s}{suffix}").unlink(missing_ok=True)
         store.set_state(job.id, "succeeded", frames_done=done)
         return "succeeded"
-    except Interrupted:
+    except (Interrupted, Preempted):
         raise
     except Exception as exc:  # noqa: BLE001 — any failure is the job's, reported in its row; the server goes on
         if writer is not None:

@@ -50,6 +50,7 @@ class JobScheduler:
         self._stop = threading.Event()
         self._resume: list[str] = []  # running jobs to pick up before queued ones
         self._cancels: dict[str, threading.Event] = {}  # running here → its cancel flag
+        self._preempts: dict[str, tuple[threading.Event, threading.Event]] = {}  # running here → (asked, released)
         self._threads: list[threading.Thread] = []
 
     # --- API side ----------------------------------------------------------------------------------
@@ -72,6 +73,18 @@ class JobScheduler:
         if flag is not None:
             flag.set()
         return job
+
+    def preempt(self, timeout: float = 60.0) -> bool:
+        """Live sessions first: ask the running job claimed last to checkpoint at its next chunk boundary
+        and give its stream back (it is `paused`, then resumed when there is room). True once a stream
+        was released within `timeout`; False when no job runs here."""
+        with self._wake:
+            running = [flags for flags in self._preempts.values() if not flags[0].is_set()]
+            if not running:
+                return False
+            asked, released = running[-1]
+            asked.set()
+        return released.wait(timeout)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -97,6 +110,11 @@ class JobScheduler:
             job = None
             while self._resume and job is None:
                 job = self.store.get(self._resume.pop(0))
+                if job is not None and job.state == "paused":
+                    try:
+                        job = self.store.set_state(job.id, "running")
+                    except Conflict:  # cancelled while paused
+                        job = None
                 job = job if job is not None and job.state == "running" else None
             if job is None:
                 queued = self.store.next_queued()
@@ -110,6 +128,7 @@ class JobScheduler:
             if job.cancel_requested:
                 cancel.set()
             self._cancels[job.id] = cancel
+            self._preempts[job.id] = (threading.Event(), threading.Event())
             return job, cancel
 
     def _work(self) -> None:
@@ -120,11 +139,22 @@ class JobScheduler:
                     self._wake.wait(1.0)
                 continue
             job, cancel = claimed
+            asked, released = self._preempts[job.id]
             try:
-                runner.run(job, self.store, self.backend, self._stop, cancel, self.config.checkpoint_every)
+                runner.run(job, self.store, self.backend, self._stop, cancel, self.config.checkpoint_every, asked)
             except runner.Interrupted:
                 pass
-            except CapacityError:
+            except runner.Preempted:
+                self.store.set_state(job.id, "paused")
+                with self._wake:
+                    self._resume.append(job.id)
+                released.set()
+                self._stop.wait(RETRY_S)  # the session that asked takes the stream first
+            except CapacityError:  # no stream free (live sessions first): paused until there is one
+                try:
+                    self.store.set_state(job.id, "paused")
+                except Conflict:
+                    pass
                 with self._wake:
                     self._resume.append(job.id)
                 self._stop.wait(RETRY_S)
@@ -135,5 +165,7 @@ class JobScheduler:
                 except Conflict:
                     pass
             finally:
+                released.set()  # whatever ended the run, its stream is back
                 with self._wake:
                     self._cancels.pop(job.id, None)
+                    self._preempts.pop(job.id, None)

@@ -12,11 +12,11 @@ import secrets
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from aiortc import RTCSessionDescription
 
-from ..backends import Backend
+from ..backends import Backend, CapacityError
 from ..engine.prompts import Transition
 from .config import ServeConfig
 from .metrics import Metrics
@@ -49,6 +49,7 @@ class SessionManager:
         # opening a stream (a Ray admission can wait minutes) and applying controls (encoding a prompt).
         self._admission = ThreadPoolExecutor(2, thread_name_prefix="admission")
         self._controls = ThreadPoolExecutor(2, thread_name_prefix="controls")
+        self.preempt: Callable[[], bool] | None = None  # frees a stream a render job holds (live sessions first)
 
     def start(self) -> None:
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
@@ -65,8 +66,13 @@ class SessionManager:
         self._admitting[client_ip] += 1  # offers racing through the await below count against the limit too
         try:
             loop = asyncio.get_running_loop()
-            stream = await loop.run_in_executor(self._admission, self.backend.open, prompt,
-                                                _overrides(offer.params))  # CapacityError, InputError
+            try:
+                stream = await loop.run_in_executor(self._admission, self.backend.open, prompt,
+                                                    _overrides(offer.params))  # CapacityError, InputError
+            except CapacityError:
+                if self.preempt is None or not await loop.run_in_executor(self._admission, self.preempt):
+                    raise
+                stream = await loop.run_in_executor(self._admission, self.backend.open, prompt, _overrides(offer.params))
             session = Session(secrets.token_urlsafe(12), stream, self.backend, self.config, self.metrics, client_ip,
                               self._forget, self._controls)
             self.sessions[session.id] = session

@@ -63,6 +63,7 @@ class Server:
         if store is not None:  # running jobs left by a previous process resume from their checkpoints
             self.jobs = JobScheduler(store, self.backend, SchedulerConfig(config.jobs_concurrency, config.jobs_max_queued))
             self.jobs.start()
+            self.manager.preempt = self.jobs.preempt
             add_job_routes(app, self.jobs)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
