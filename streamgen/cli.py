@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.serve import add_serve_bench_parser
 
     add_serve_bench_parser(bench_sub)
+    from .bench.jobs import add_jobs_bench_parser
+
+    add_jobs_bench_parser(bench_sub)
     add_models_parser(sub)
     from .render.cli import add_render_parser
 

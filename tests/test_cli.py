@@ -78,3 +78,15 @@ def test_bench_engine_real_architecture_with_decode(tmp_path) -> None:
     result = json.loads(out.read_text())
     assert result["video_frames_decoded"] == 9 + 12  # 1 + 4·2 frames for the first chunk, 12 for the next
     assert result["time_to_first_frame_s"] > 0 and result["decode_ms_p50"] > 0
+
+
+def test_bench_jobs_saves_json(tmp_path, capsys) -> None:
+    import json
+
+    out = tmp_path / "jobs.json"
+    assert main(["bench", "jobs", "--model", "tiny-random", "--seconds", "1", "--renders", "2", "--concurrency", "2",
+                 "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["checkpoints"] >= 1 and result["checkpoint_bytes"] > 0 and result["resume_ms"] > 0
+    assert result["resumed_at_frame"] > 0 and result["one_by_one_fps"] > 0 and result["queued_fps"] > 0
+    assert "resume (load + restore)" in capsys.readouterr().out
