@@ -424,3 +424,42 @@ def test_kill_9_mid_job_then_restart_finishes_bit_exact(tmp_path) -> None:
                     "--quiet"], check=True, cwd=ROOT, timeout=600, capture_output=True)
     assert torch.equal(load_latents(folder / "latents.safetensors")[0], load_latents(reference)[0])
     assert decoded_frames(folder / "output.mp4") == round(seconds * 16)
+
+
+def test_500_jobs_from_10_clients_across_a_restart_run_once_each(tmp_path) -> None:
+    """Idempotent ids, a restart half way: every job succeeds, exactly once (its event log says so)."""
+    clients, per_client = 10, 50
+
+    async def submit_all(url: str, rounds: range) -> list[int]:
+        async def client(c: int) -> list[int]:
+            statuses = []
+            async with aiohttp.ClientSession() as http:
+                for i in rounds:
+                    body = {"id": f"c{c}-{i}", "prompt": "a red fox", "seconds": 0.25, "seed": c * 1000 + i}
+                    for _ in range(2 if i % 10 == 0 else 1):  # every tenth id submitted twice: the same job
+                        async with http.post(f"{url}/jobs", json=body) as r:
+                            statuses.append(r.status)
+            return statuses
+
+        return [s for got in await asyncio.gather(*(client(c) for c in range(clients))) for s in got]
+
+    async def main() -> list[int]:
+        config = ServeConfig(port=0, model="tiny-random", threads=1, jobs_dir=tmp_path, jobs_max_queued=1000,
+                             jobs_concurrency=2)
+        async with Server(config) as server:
+            first = await submit_all(server.url, range(per_client // 2))
+        async with Server(config) as server:  # the same jobs dir: queued and running jobs go on
+            second = await submit_all(server.url, range(per_client // 2, per_client))
+            store = server.jobs.store
+            ids = [f"c{c}-{i}" for c in range(clients) for i in range(per_client)]
+            await asyncio.to_thread(wait_for, lambda: all(store.get(j).state in ("succeeded", "failed") for j in ids),
+                                    "500 jobs", HANG_S * 3)
+            states = {j: store.get(j).state for j in ids}
+            logs = {j: [e.data["state"] for e in store.events(j) if e.kind == "state"] for j in ids}
+        assert set(states.values()) == {"succeeded"}, {s for s in states.values()}
+        for j, log in logs.items():
+            assert log.count("queued") == 1 and log.count("succeeded") == 1, (j, log)
+        return first + second
+
+    statuses = asyncio.run(asyncio.wait_for(main(), HANG_S * 4))
+    assert statuses.count(202) == clients * per_client and statuses.count(200) == clients * per_client // 10
