@@ -148,7 +148,7 @@ def test_every_subcommand_parser_is_a_command_parser() -> None:
 
 def test_the_cli_parser_imports_no_client_stack() -> None:
     code = ("import sys; from streamgen.cli import build_parser; build_parser(); "
-            "heavy = [m for m in ('torch', 'aiortc', 'aiohttp') if m in sys.modules]; assert not heavy, heavy")
+            "heavy = [m for m in ('torch', 'ray', 'aiortc', 'aiohttp') if m in sys.modules]; assert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr
 
@@ -212,3 +212,13 @@ def test_render_warns_about_words_the_model_ignores(tmp_path, capsys) -> None:
     warnings = [line for line in capsys.readouterr().err.splitlines() if "ignores" in line]
     assert warnings == ["streamgen render: warning: at 0.25 s: prompt 'a fluffy gizmo wobbling': the model ignores "
                         "'fluffy', 'gizmo', 'wobbling'; understood as 'a white circle moving right'"], warnings
+
+
+def test_unbatched_under_the_exact_schedule_is_refused_not_ignored(tmp_path, capsys) -> None:
+    out = tmp_path / "a.mp4"
+    assert main(["render", "--model", "tiny-random", "--prompt", "a", "--seconds", "0.25", "--unbatched",
+                 "-o", str(out), "--quiet"]) == 2
+    assert "--unbatched runs the timestep slots one by one, but this render's schedule is 'exact'" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["render", "--model", "tiny-random", "--prompt", "a", "--seconds", "0.25", "--unbatched",
+                 "--schedule", "timestep-slot", "-o", str(out), "--quiet"]) == 0

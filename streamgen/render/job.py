@@ -186,6 +186,9 @@ def run_job(job: RenderJob, backend, progress: Progress | None = None,
             check_writable(path)
     overrides = job.overrides(bundle.stream)
     config = replace(bundle.stream, **overrides)  # bad schedule / sampler combinations fail here
+    if job.batch_slots is False and config.schedule != "timestep-slot":
+        raise ValueError(f"--unbatched runs the timestep slots one by one, but this render's schedule is "
+                         f"{config.schedule!r}: add --schedule timestep-slot, or drop --unbatched")
     video_frame = bundle.decoder().video_frame
     switches, warnings = plan_switches(job.timeline, bundle.fps, video_frame, config.chunk_frames, total, job.source)
     for entry in job.timeline:
