@@ -14,14 +14,8 @@ import torch
 from torch import Tensor
 
 from ..models.checkpoint import load_dit_weights
-from ..models.s2v import (
-    CondCache,
-    S2VConfig,
-    S2VDiT,
-    StepRing,
-    StreamAttention,
-    ref_shift,
-)
+from ..models.s2v import S2VConfig, S2VDiT
+from ..sampling.s2v_blocks import EulerSchedule, RecordedSinkDraws, S2VBlockSampler
 from .common import Fixture, Report
 
 
@@ -54,27 +48,35 @@ def debug_observer(out: dict[str, Tensor], prefix: str) -> Callable[[str, Tensor
 
 
 def run_variant(fx: Fixture, model: S2VDiT, variant: str, swaps: set[int]) -> dict[str, Tensor]:
-    """The streaming loop of meta.json: semantics for one variant, outputs under the fixture's names."""
+    """The streaming loop of meta.json: semantics for one variant, outputs under the fixture's names. The block
+    loop and its caches are `S2VBlockSampler`'s (the audio-driven stream runs the same one)."""
     cfg, t = fx.config, fx.tensors
     m = model.cfg
-    steps, chunk = len(t["sched.timesteps"]), int(cfg["num_frames_per_block"])
+    schedule = EulerSchedule(t["sched.timesteps"], t["sched.sigmas"])
+    steps, chunk = schedule.steps, int(cfg["num_frames_per_block"])
     blocks, afpb = int(cfg["blocks_per_clip"]), int(cfg["audio_frames_per_block"])
-    sigmas, draws = t["sched.sigmas"], t["rope_rd_draws"].tolist()
+    draws = RecordedSinkDraws(t["rope_rd_draws"].tolist(), steps)
     traced = {(int(a), int(b)) for a, b in (re.match(rf"{variant}\.debug\.blk(\d+)\.step(\d+)\.", n).groups()
                                            for n in t if n.startswith(f"{variant}.debug."))}
     cross = model.cross_kv(model.context(t["context"][None]))
-    layers, batch, heads = m.num_layers, int(cfg["batch"]), (m.num_heads, m.head_dim)
-    cond = CondCache.allocate(layers, batch, int(cfg["cond_cache_capacity_tokens"]), *heads)
-    rings = [StepRing.allocate(layers, batch, int(cfg["ring_cache_tokens"]), *heads) for _ in range(steps)]
+    sampler = S2VBlockSampler(model, schedule, ring_tokens=int(cfg["ring_cache_tokens"]),
+                              cond_tokens=int(cfg["cond_cache_capacity_tokens"]), chunk_frames=chunk,
+                              batch=int(cfg["batch"]))
+    cond = sampler.cond
     ref, motion = t["ref_latents"], t["motion_latents"]
     out: dict[str, Tensor] = {}
     xs, flows, finals, audio_tokens, audio_global = [], [], [], [], []
+
+    def record(_step: int, x: Tensor, flow: Tensor) -> None:
+        xs[-1].append(x[0])
+        flows[-1].append(flow[0])
+
     for r in range(int(cfg["n_clips"])):
         if r == 0 or r in swaps:
             if r in swaps:  # the first generated latent frame becomes the sink reference
                 ref = finals[0][:, :, :1].clone()
                 out[f"sink_latent_clip{r}"] = ref
-            model.prefill(ref, motion, cross, cond)
+            sampler.prefill(ref, motion, cross)
             for i in range(m.num_layers):
                 out[f"cond_cache.after_prefill_clip{r}.layer{i}.k"] = cond.k[i][:, :cond.end].clone()
                 out[f"cond_cache.after_prefill_clip{r}.layer{i}.v"] = cond.v[i][:, :cond.end].clone()
@@ -87,19 +89,15 @@ def run_variant(fx: Fixture, model: S2VDiT, variant: str, swaps: set[int]) -> di
             audio_global.append(audio.global_)
             xs.append([])
             flows.append([])
-            for i in range(steps):
-                attn = StreamAttention(model.rope, rings[i], cond, chunk * g,
-                                       ref_shift(chunk * g, int(draws[steps * g + i]), m.ref_rope_frame))
-                observe = debug_observer(out, f"debug.blk{g}.step{i}") if (g, i) in traced else None
-                flow = model(x, t["sched.timesteps"][i].expand(1, chunk), pose, audio, cross, attn, observe)
-                xs[-1].append(x[0])
-                flows[-1].append(flow[0])
-                x = x + (sigmas[i + 1] - sigmas[i]) * flow
-            finals.append(x)
+
+            def observe(i: int, g: int = g):
+                return debug_observer(out, f"debug.blk{g}.step{i}") if (g, i) in traced else None
+
+            finals.append(sampler.block(x, g, pose, audio, cross, [draws(g, i) for i in range(steps)], record, observe))
     out["final_latents"] = torch.cat(finals, dim=2)[0]
     out["step_x"] = torch.stack([torch.stack(s) for s in xs])
     out["step_flow"] = torch.stack([torch.stack(s) for s in flows])
-    for i, ring in enumerate(rings):
+    for i, ring in enumerate(sampler.rings):
         for layer in range(m.num_layers):
             out[f"kv_cache.step{i}.layer{layer}.k"], out[f"kv_cache.step{i}.layer{layer}.v"] = ring.k[layer], ring.v[layer]
     produced = {f"{variant}.{k}": v for k, v in out.items()}
