@@ -1,4 +1,4 @@
-"""HTTP routes: signaling (`POST /offer`, and WHEP in `whep.py`), sessions, the model, health, metrics, ICE
+"""HTTP routes: signaling (`POST /offer`, WHEP in `whep.py`, WHIP in `whip.py`), sessions, the model, health, metrics, ICE
 servers, the web client.
 
 Every failure is a JSON `{"error": "<one line>"}` with a fitting status; nothing a client sends can
@@ -23,6 +23,7 @@ from .manager import SessionManager
 from .metrics import Metrics
 from .protocol import Offer, RecordingRequest, load_json
 from .whep import add_whep_routes
+from .whip import add_whip_routes
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ def create_app(config: ServeConfig, backend: Backend, manager: SessionManager, m
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ice-servers", get_ice_servers)
     add_whep_routes(app)
+    add_whip_routes(app)
     app.router.add_get("/", index)
     app.router.add_get("/static/{path:.+}", static)
     return app

@@ -17,8 +17,10 @@ from typing import Any, Callable
 from aiortc import RTCSessionDescription
 
 from ..backends import Backend, CapacityError
+from ..engine.frame_stream import FrameStream
 from ..engine.prompts import Transition
 from .config import ServeConfig
+from .ingest import SessionVideo, open_video_stream, video_problem
 from .metrics import Metrics
 from .peer import Peer
 from .protocol import Offer, StreamParams
@@ -58,6 +60,8 @@ class SessionManager:
         """Answer an offer: a new session, or the one named by `session_id` (resume)."""
         if offer.session_id is not None:
             return await self._resume(offer, client_ip)
+        if offer.video is not None and (problem := video_problem(offer.sdp)) is not None:
+            raise Refused(400, problem)
         mine = sum(1 for s in self.sessions.values() if s.client_ip == client_ip) + self._admitting[client_ip]
         if mine >= self.config.max_sessions_per_ip:
             raise Refused(429, f"this client already has {mine} sessions (limit {self.config.max_sessions_per_ip} per address); "
@@ -67,14 +71,14 @@ class SessionManager:
         try:
             loop = asyncio.get_running_loop()
             try:
-                stream = await loop.run_in_executor(self._admission, self.backend.open, prompt,
-                                                    _overrides(offer.params))  # CapacityError, InputError
+                # CapacityError, InputError
+                stream, video = await loop.run_in_executor(self._admission, self._open, prompt, offer)
             except CapacityError:
                 if self.preempt is None or not await loop.run_in_executor(self._admission, self.preempt):
                     raise
-                stream = await loop.run_in_executor(self._admission, self.backend.open, prompt, _overrides(offer.params))
+                stream, video = await loop.run_in_executor(self._admission, self._open, prompt, offer)
             session = Session(secrets.token_urlsafe(12), stream, self.backend, self.config, self.metrics, client_ip,
-                              self._forget, self._controls)
+                              self._forget, self._controls, video)
             self.sessions[session.id] = session
         finally:
             self._admitting[client_ip] -= 1
@@ -89,6 +93,12 @@ class SessionManager:
         self.metrics.inc("streamgen_sessions_opened_total")
         return session, answer
 
+    def _open(self, prompt: str, offer: Offer) -> tuple[FrameStream, SessionVideo | None]:
+        """A new stream for the offer (blocking): text-to-video, or video-to-video when it asks for `video`."""
+        if offer.video is None:
+            return self.backend.open(prompt, _overrides(offer.params)), None
+        return open_video_stream(self.backend, prompt, _overrides(offer.params), offer.video.strength)
+
     async def _resume(self, offer: Offer, client_ip: str) -> tuple[Session, RTCSessionDescription]:
         session = self.sessions.get(offer.session_id or "")
         if session is None:
@@ -96,6 +106,9 @@ class SessionManager:
                                "passed; send the offer without session_id to start a new one")
         if not hmac.compare_digest((offer.resume_token or "").encode(), session.resume_token.encode()):
             raise Refused(403, f"resuming session {session.id} needs the resume_token its first answer gave")
+        if offer.video is not None and session.video is None:
+            raise Refused(409, f"session {session.id} was opened without video input, which is chosen when a session "
+                               "starts; send the offer without session_id to start a video-to-video session")
         if session.state == "streaming" and not offer.takeover:
             raise Refused(409, f"session {session.id} has a connected viewer; resume it once that viewer is gone, "
                                "or send takeover: true to replace it")

@@ -23,6 +23,7 @@ COUNTERS = {
     "streamgen_stalls_total": "Backend faults recovered mid-stream (actor replaced), each reported to its viewer as `stall`.",
     "streamgen_offers_total": "POST /offer answers, by HTTP status.",
     "streamgen_whep_offers_total": "POST /whep answers, by HTTP status.",
+    "streamgen_whip_offers_total": "POST /whip answers, by HTTP status.",
 }
 HISTOGRAMS = {
     "streamgen_chunk_latency_seconds": ("Time to generate and decode one chunk.",

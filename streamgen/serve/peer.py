@@ -1,4 +1,5 @@
-"""One WebRTC connection serving a session: the paced video track out, the `control` channel both ways.
+"""One WebRTC connection serving a session: the paced video track out, the `control` channel both ways,
+and, for a video-to-video session, the client's camera in (on the same, sendrecv, video section).
 
 Transport only: losing it (connection failed/closed, control channel closed) hands the session back
 to its grace period; the session's stream is untouched.
@@ -13,7 +14,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcsctptransport import WEBRTC_STRING, RTCSctpTransport
 from pydantic import BaseModel
 
-from . import ice
+from . import ice, ingest
 from .config import ServeConfig
 from .control import ControlHandler
 from .encoder import VideoEncoder
@@ -63,9 +64,14 @@ class Peer:
         """Negotiate: our codec preference, then the track that encodes with the negotiated codec."""
         if ice.is_loopback(self.config.host):
             offer_sdp = ice.loopback_candidates_only(offer_sdp)
-        transceiver = self.pc.addTransceiver("video", direction="sendonly")  # claims the offer's video section
+        video_in = self.session.video is not None  # V2V: the client's camera comes in on the same section
+        # claims the offer's video section
+        transceiver = self.pc.addTransceiver("video", direction="sendrecv" if video_in else "sendonly")
         transceiver.setCodecPreferences(ice.codec_preferences(self.config.codec))
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        for other in self.pc.getTransceivers():
+            if other is not transceiver:
+                other.direction = "inactive"  # audio, extra video: not taken (and not decoded)
         if self.pc.sctp is not None:
             keep_invalid_text(self.pc.sctp)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
@@ -73,6 +79,9 @@ class Peer:
         encoder = VideoEncoder(self.codec, self.session.fps, self.config.bitrate, self.config.keyframe_interval_s)
         transceiver.sender.replaceTrack(PacedVideoTrack(self.session, encoder, self.session.fps))
         self._tasks = [asyncio.ensure_future(self._read_loop()), asyncio.ensure_future(self._stats_loop())]
+        camera = transceiver.receiver.track if video_in and transceiver.currentDirection == "sendrecv" else None
+        if camera is not None:  # the client sends video on the section we answered sendrecv: the session's input
+            self._tasks.append(asyncio.ensure_future(ingest.receive(camera, self.session.video, self.session.id)))
         return self.pc.localDescription
 
     def send(self, message: BaseModel) -> None:

@@ -161,9 +161,19 @@ class RecordingRequest(BaseModel):
     action: Literal["start", "stop"]
 
 
+class VideoInput(BaseModel):
+    """Video-to-video: the client sends its camera on the offer's (sendrecv) video and gets the generated
+    video back on it. `strength` is the noise level the input is taken to (1: pure noise, input ignored); the
+    default is `streamgen.engine.v2v.DEFAULT_STRENGTH` (this module stays torch-free)."""
+
+    model_config = ConfigDict(extra="forbid")
+    strength: float = Field(0.75, gt=0, le=1, allow_inf_nan=False)
+
+
 class Offer(BaseModel):
     """POST /offer body; `session_id` + `resume_token` (from the session's first answer) resume a session
-    whose peer went away (grace period); `takeover` also replaces a viewer that is still connected."""
+    whose peer went away (grace period); `takeover` also replaces a viewer that is still connected.
+    `video` makes a new session video-to-video (the offer's video must be sendrecv)."""
 
     model_config = ConfigDict(extra="forbid")
     sdp: str = Field(max_length=100_000)
@@ -173,6 +183,7 @@ class Offer(BaseModel):
     session_id: str | None = Field(None, max_length=64)
     resume_token: str | None = Field(None, max_length=128)
     takeover: bool = False
+    video: VideoInput | None = None
     _check = field_validator("prompt")(classmethod(lambda cls, v: v if v is None else _prompt_text(v)))
 
 

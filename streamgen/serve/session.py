@@ -33,6 +33,7 @@ from .protocol import AckMessage, Error, Stall, Stats
 from .recording import Recording
 
 if TYPE_CHECKING:
+    from .ingest import SessionVideo
     from .peer import Peer
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ log = logging.getLogger(__name__)
 
 class Session:
     def __init__(self, sid: str, stream: FrameStream, backend: Backend, config: ServeConfig, metrics: Metrics,
-                 client_ip: str, on_closed: Callable[[Session], None], controls: Executor) -> None:
-        """`controls` runs the blocking part of a control (encoding a prompt) off the event loop."""
+                 client_ip: str, on_closed: Callable[[Session], None], controls: Executor,
+                 video: SessionVideo | None = None) -> None:
+        """`controls` runs the blocking part of a control (encoding a prompt) off the event loop; `video`:
+        the input of a video-to-video session (its peers receive the client's camera into it)."""
         self.id = sid
         self.resume_token = secrets.token_urlsafe(24)  # the id is public (URLs, logs); resuming needs this too
         self.stream = stream
@@ -68,6 +71,10 @@ class Session:
         self._window = (time.monotonic(), 0, 0.0)  # (start, new frames sent, sum of their ages)
         self.recording: Recording | None = None  # the latest; a new start begins a new file
         self._recordings = 0
+        self.video = video
+        if video is not None:  # the first chunk waits for the camera's first frame, at most until connect timeout
+            self._video_wait_until = self._created + config.connect_timeout_s
+            video.frames.on_first = self._on_room
 
     def start(self) -> None:
         self._handle = self._backend.start(self.id[:8], self.stream, self)
@@ -136,6 +143,8 @@ class Session:
     # --- the sink: called on the backend's generation thread ---------------------------------------
     def wants_chunk(self) -> bool:
         """Just in time: when the frames still queued cover the next chunk's expected compute time."""
+        if self.video is not None and not self.video.frames.started and time.monotonic() < self._video_wait_until:
+            return False
         return not self.queue.closed and self.queue.depth <= self._pacer.ahead()
 
     def deliver(self, chunk: FrameChunk, seconds: float) -> None:
@@ -243,6 +252,7 @@ class Session:
             "chunk_latency_ms": round(1000 * sum(self._latency) / len(self._latency), 2) if self._latency else None,
             "frames": dict(self._counts), "stalls": self._stalls,
             "recording": self.recording.describe() if self.recording is not None else None,
+            "video_input": self.video.describe() if self.video is not None else None,
         }
 
     async def close(self, reason: str) -> None:
