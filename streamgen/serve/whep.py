@@ -26,7 +26,7 @@ from .protocol import Offer
 SDP = "application/sdp"
 
 
-def _query_params(query: dict[str, str]) -> dict[str, Any]:
+def query_params(query: dict[str, str]) -> dict[str, Any]:
     """Query values as the JSON they spell (numbers, lists), else as text."""
     out: dict[str, Any] = {}
     for key, value in query.items():
@@ -43,29 +43,41 @@ async def post_whep(request: web.Request) -> web.Response:
     return response
 
 
-async def _post_whep(request: web.Request) -> web.Response:
+async def sdp_offer(request: web.Request, protocol: str) -> str | web.Response:
+    """The SDP offer a WHEP or WHIP client POSTs, or the refusal to send (415 wrong type, 400 not UTF-8)."""
     if request.content_type != SDP:
-        return error(415, f"a WHEP offer is sent as Content-Type: {SDP}, not {request.content_type or 'none'}",
+        return error(415, f"a {protocol} offer is sent as Content-Type: {SDP}, not {request.content_type or 'none'}",
                      **{"Accept-Post": SDP})
     try:
-        sdp = (await request.read()).decode("utf-8")
+        return (await request.read()).decode("utf-8")
     except UnicodeDecodeError:
         return error(400, "malformed SDP: the body is not UTF-8 text")
+
+
+async def answer_offer(request: web.Request, offer: Offer, route: str) -> web.Response:
+    """Open the session and answer 201 with the SDP and its `Location` (the named `route`), or the refusal."""
+    opened = await open_session(request, offer)
+    if isinstance(opened, web.Response):
+        return opened
+    session, answer = opened
+    location = str(request.app.router[route].url_for(sid=session.id))
+    return web.Response(status=201, text=answer.sdp, content_type=SDP, headers={"Location": location})
+
+
+async def _post_whep(request: web.Request) -> web.Response:
+    sdp = await sdp_offer(request, "WHEP")
+    if isinstance(sdp, web.Response):
+        return sdp
     if (reason := check_offer(sdp, control=False)) is not None:
         return error(400, reason)
     query = dict(request.query)
     prompt = query.pop("prompt", None)
     try:
         offer = Offer.model_validate({"sdp": sdp, "type": "offer", "prompt": prompt,
-                                      "params": _query_params(query) or None})
+                                      "params": query_params(query) or None})
     except ValidationError as exc:
         return error(422, describe(exc, Offer))
-    opened = await open_session(request, offer)
-    if isinstance(opened, web.Response):
-        return opened
-    session, answer = opened
-    location = str(request.app.router["whep_session"].url_for(sid=session.id))
-    return web.Response(status=201, text=answer.sdp, content_type=SDP, headers={"Location": location})
+    return await answer_offer(request, offer, "whep_session")
 
 
 async def head_whep(request: web.Request) -> web.Response:

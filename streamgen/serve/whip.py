@@ -18,12 +18,12 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import ValidationError
 
-from .appstate import MANAGER, METRICS, error, open_session
+from .appstate import MANAGER, METRICS, error
 from .errors import describe
 from .ice import check_offer
 from .ingest import video_problem
 from .protocol import Offer
-from .whep import SDP, _query_params
+from .whep import SDP, query_params, answer_offer, sdp_offer
 
 
 
@@ -34,30 +34,21 @@ async def post_whip(request: web.Request) -> web.Response:
 
 
 async def _post_whip(request: web.Request) -> web.Response:
-    if request.content_type != SDP:
-        return error(415, f"a WHIP offer is sent as Content-Type: {SDP}, not {request.content_type or 'none'}",
-                     **{"Accept-Post": SDP})
-    try:
-        sdp = (await request.read()).decode("utf-8")
-    except UnicodeDecodeError:
-        return error(400, "malformed SDP: the body is not UTF-8 text")
+    sdp = await sdp_offer(request, "WHIP")
+    if isinstance(sdp, web.Response):
+        return sdp
     if (reason := check_offer(sdp, control=False) or video_problem(sdp)) is not None:
         return error(400, reason)
     query = dict(request.query)
     prompt = query.pop("prompt", None)
-    params = _query_params(query)
+    params = query_params(query)
     video = {"strength": params.pop("strength")} if "strength" in params else {}
     try:
         offer = Offer.model_validate({"sdp": sdp, "type": "offer", "prompt": prompt, "params": params or None,
                                       "video": video})
     except ValidationError as exc:
         return error(422, describe(exc, Offer))
-    opened = await open_session(request, offer)
-    if isinstance(opened, web.Response):
-        return opened
-    session, answer = opened
-    location = str(request.app.router["whip_session"].url_for(sid=session.id))
-    return web.Response(status=201, text=answer.sdp, content_type=SDP, headers={"Location": location})
+    return await answer_offer(request, offer, "whip_session")
 
 
 async def options_whip(request: web.Request) -> web.Response:
