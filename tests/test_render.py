@@ -256,7 +256,8 @@ def test_frame_mapping_and_sizes():
     for bad in ("33x32", "x", "0", "12x", "1"):
         with pytest.raises(ValueError):
             parse_output_size(bad)
-    assert output_size(32, 32, None) == (32, 32) and output_size(33, 17, None) == (34, 18)
+    assert output_size(32, 32, None) == (256, 256) and output_size(33, 17, None) == (232, 120)  # ×8, ×7: the page's size
+    assert output_size(832, 480, None) == (832, 480) and output_size(300, 17, None) == (300, 18)
     assert output_size(832, 480, 256) == (256, 148) and output_size(32, 32, 100) == (100, 100)
     with pytest.raises(TimelineError, match=r"t.json:1: the timeline is empty"):
         parse_timeline("[]", "t.json", "json")

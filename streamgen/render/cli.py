@@ -101,7 +101,7 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     out.add_argument("--fps", type=_positive(float), help="container frame rate (default: the model's; frame count is unchanged)")
     out.add_argument("--size", type=_size_arg, metavar="N|WxH",
                      help="output size: longer side N (even; the other side keeps the aspect, rounded to even) or "
-                          "WxH (both even); default: the model's frames")
+                          "WxH (both even); default: the model's frames, small ones (the embedded model's 32×32) at the whole multiple reaching 256 px, as the page shows them")
     out.add_argument("--scale-filter", choices=SCALE_FILTERS, default="auto",
                      help="auto (default): nearest for pixel art (frames ≤ 128 px, whole-number upscales), "
                           "area when shrinking, bicubic when enlarging")

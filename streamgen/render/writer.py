@@ -47,11 +47,16 @@ def _even(x: float) -> int:
     return max(2, round(x / 2) * 2)
 
 
+SMALL_FRAMES_SIDE = 256  # frames smaller than this are shown (and written, by default) at a whole multiple: the page's size
+
+
 def output_size(width: int, height: int, size: int | tuple[int, int] | None) -> tuple[int, int]:
-    """Output (width, height) for frames of width × height: native (rounded to even sides), longer
-    side `size` keeping the aspect, or exactly `size` = (W, H)."""
+    """Output (width, height) for frames of width × height: by default native (rounded to even sides), or
+    for small frames (the embedded model's 32×32) the whole multiple that reaches SMALL_FRAMES_SIDE,
+    as the page shows them; longer side `size` keeping the aspect, or exactly `size` = (W, H)."""
     if size is None:
-        return (width + width % 2, height + height % 2)
+        k = max(1, SMALL_FRAMES_SIDE // max(width, height))
+        return (width * k + width * k % 2, height * k + height * k % 2)
     if isinstance(size, tuple):
         return size
     scale = size / max(width, height)
