@@ -64,21 +64,27 @@ def bearer_auth(token: str | None):
 
 
 class RateLimiter:
-    """Token bucket: `rate` events per second with bursts of up to `rate`; over the limit is refused, not queued."""
+    """Token bucket: `rate` events per second with bursts of up to `burst` (default `rate`); over the
+    limit is refused, not queued."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, burst: float | None = None) -> None:
         self.rate = rate
-        self._tokens = rate
+        self.burst = rate if burst is None else burst
+        self._tokens = self.burst
         self._last = time.monotonic()
 
-    def allow(self) -> bool:
+    def wait(self) -> float:
+        """0 when an event may go ahead now (and counts it), else the seconds until one may."""
         now = time.monotonic()
-        self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
-            return True
-        return False
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+    def allow(self) -> bool:
+        return self.wait() == 0.0
 
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -111,22 +117,15 @@ class AddressRateLimiter:
 
     def __init__(self, rate: float, burst: int, keep: int = 4096) -> None:
         self.rate, self.burst, self.keep = rate, burst, keep
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address → (tokens, at)
-
-    def retry_after(self, address: str) -> float:
-        """0 when `address` may go ahead now (and counts it), else the seconds until it may."""
-        now = time.monotonic()
-        tokens, at = self._buckets.pop(address, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-        wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
-        self._buckets[address] = (tokens - 1.0 if wait == 0.0 else tokens, now)
-        while len(self._buckets) > self.keep:
-            self._buckets.popitem(last=False)
-        return wait
+        self._buckets: OrderedDict[str, RateLimiter] = OrderedDict()  # least recently seen first
 
     def refusal(self, address: str) -> tuple[str, str] | None:
-        """(reason, Retry-After seconds) when `address` is over its rate, else None."""
-        wait = self.retry_after(address)
+        """(reason, Retry-After seconds) when `address` is over its rate, else None (and it is counted)."""
+        bucket = self._buckets.pop(address, None) or RateLimiter(self.rate, self.burst)
+        self._buckets[address] = bucket
+        while len(self._buckets) > self.keep:
+            self._buckets.popitem(last=False)
+        wait = bucket.wait()
         if wait == 0.0:
             return None
         return (f"too many new sessions from this address (limit {self.rate:g}/s, bursts of {self.burst}); "
