@@ -78,15 +78,19 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(doc: dict, out: Path) -> tuple[Path, Path, str]:
+def write_report(doc: dict, md: str, out: Path, stem: str) -> tuple[Path, Path, str]:
+    """`doc` as OUT/STEM.json and its Markdown `md` as OUT/STEM.md: (json path, md path, md)."""
     from ..world.report import _json_safe
 
     out.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(doc)
-    json_path, md_path = out / "eval.json", out / "eval.md"
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     json_path.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
     md_path.write_text(md)
     return json_path, md_path, md
 
 
-__all__ = ["render_markdown", "write_outputs"]
+def write_outputs(doc: dict, out: Path) -> tuple[Path, Path, str]:
+    return write_report(doc, render_markdown(doc), out, "eval")
+
+
+__all__ = ["render_markdown", "write_outputs", "write_report"]

@@ -42,7 +42,6 @@ the first chunk, as `streamgen eval` does; the per-chunk table shows it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -53,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from .plan import prompt_items
-from .report import _num, _pct, _table
+from .report import _num, _pct, _table, write_report
 
 CLASSES = ("inside", "top/bottom seam", "left/right seam", "corner")
 RELATIONS = ("inside", "crossing a seam", "riding a seam", "corner")  # the seams relative to the motion
@@ -614,14 +613,7 @@ def diagnose(bundle, name: str, *, prompts: int | str | Sequence[str] = "all", s
 
 
 def write_outputs(doc: dict, out: Path) -> tuple[Path, Path, str]:
-    from ..world.report import _json_safe
-
-    out.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(doc)
-    json_path, md_path = out / "shape_diagnosis.json", out / "shape_diagnosis.md"
-    json_path.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
-    md_path.write_text(md)
-    return json_path, md_path, md
+    return write_report(doc, render_markdown(doc), out, "shape_diagnosis")
 
 
 def main(argv: list[str] | None = None) -> int:
