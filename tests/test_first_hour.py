@@ -73,7 +73,7 @@ def test_models_show_a_builtin(capsys) -> None:
     assert out.startswith("embedded: built-in model (the default)")
     assert "32x32 (WxH) at 8 fps" in out and "window_sink(capacity_frames=9, sink_frames=0, rope=relative)" in out
     assert main(["models", "show", "no-such-model"]) == 2
-    assert "built-in models: tiny-random, embedded" in capsys.readouterr().err
+    assert "built-in models: tiny-random, embedded, embedded-avatar" in capsys.readouterr().err
 
 
 # --- (5) the Python client checks its input ------------------------------------------------------
@@ -165,7 +165,7 @@ def test_unknown_policy_setting_exits_2_naming_the_known_ones(tmp_path, capsys) 
 
 @pytest.mark.parametrize("argv,message", [
     (["--size", "33"], "argument --size: the longer side must be even (yuv420p), got 33: use 32 or 34"),
-    (["-o", "a.avi"], "argument -o/--out: a.avi: the video is written as MP4 (H.264); name it *.mp4"),
+    (["-o", "a.avi"], "argument -o/--out: a.avi: the video is written as MP4 (*.mp4), HLS (*.m3u8) or pushed to rtmp://host/app/key"),
 ])
 def test_render_refuses_what_it_cannot_write(capsys, argv, message) -> None:
     err = _exit_2(["render", "--model", "tiny-random", "--prompt", "a", *(["-o", "a.mp4"] if "-o" not in argv else []),

@@ -59,11 +59,10 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_export_loads_as_a_bundle_that_streams_and_evaluates(tmp_path):
     from streamgen.train.evaluate import eval_prompts, evaluate
-    from streamgen.train.export import export_ema
 
     trainer = Trainer(config(tmp_path, ckpt_every=0))
     trainer.run(progress=False)
-    path = export_ema(trainer, tmp_path / "embedded.safetensors")
+    path = trainer.export(tmp_path / "embedded.safetensors")
     bundle = embedded_bundle(path)
     stream = FrameStream(bundle, "a green box moving up")
     chunk = stream.next()

@@ -35,4 +35,11 @@ BUILTINS: dict[str, BuiltinModel] = {m.name: m for m in (
                                                                     "rope": "relative"},
                              sampler="few_step", steps=(1000, 750, 500, 250), warp_steps=False, shift=5.0,
                              context_noise=0.0, chunk_frames=3)),
+    # the avatar: 16 fps, chunks of 3 frames, the same 4 steps; a 7-frame window whose one-frame sink is
+    # the reference (slot 0) and whose other 6 slots hold the previous and the current chunk.
+    BuiltinModel("embedded-avatar", (32, 32),
+                 stream_spec(policy="window_sink", policy_settings={"capacity_frames": 7, "sink_frames": 1,
+                                                                    "rope": "relative"},
+                             sampler="few_step", steps=(1000, 750, 500, 250), warp_steps=False, shift=5.0,
+                             context_noise=0.0, chunk_frames=3)),
 )}

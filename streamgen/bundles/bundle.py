@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..engine.driven import AudioDriven
 from ..engine.prompts import PromptEncoder
 from ..engine.stream import StreamConfig
 from ..models.config import DiTConfig
@@ -64,6 +65,7 @@ class ModelBundle:
     description: str = ""
     example_prompt: str = "a calm lake at dawn"  # what a session starts with when nobody names a prompt
     spec: BundleSpec | None = None  # set by `load_bundle`: how to load this bundle again (Ray actors)
+    avatar: AudioDriven | None = None  # an audio-driven model: how audio and a reference picture drive it
 
 
 def tiny_random(seed: int = 0) -> ModelBundle:
@@ -90,7 +92,15 @@ def embedded() -> ModelBundle:
     return embedded_bundle()
 
 
-BUNDLES: dict[str, Callable[[], ModelBundle]] = {"tiny-random": tiny_random, "embedded": embedded}  # BUILTINS' order
+def embedded_avatar() -> ModelBundle:
+    """The in-repo audio-driven avatar trained on the avatar world (streamgen/bundles/embedded_avatar.py)."""
+    from .embedded_avatar import embedded_avatar_bundle
+
+    return embedded_avatar_bundle()
+
+
+BUNDLES: dict[str, Callable[[], ModelBundle]] = {"tiny-random": tiny_random, "embedded": embedded,
+                                                 "embedded-avatar": embedded_avatar}  # BUILTINS' order
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:

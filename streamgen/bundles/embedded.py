@@ -154,19 +154,26 @@ def save_weights(model: EmbeddedModel, path: str | Path, dtype: torch.dtype = to
     return path
 
 
-def load_weights(path: str | Path = WEIGHTS_PATH) -> tuple[EmbeddedModel, StreamConfig, dict[str, Any]]:
-    """Read a weights file: (model in eval mode, fp32; its stream settings; the extra metadata)."""
+def read_weights(path: str | Path, format: str, train_hint: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, fp32 tensors) of an in-repo model's weights file of this `format`; clear errors for a
+    missing file (with how to train one) or another kind of file."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"embedded model weights not found at {path}; train them with "
-                                "`streamgen train --out DIR` and pass DIR/embedded.safetensors")
+        raise FileNotFoundError(f"weights not found at {path}; {train_hint}")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k).float() for k in f.keys()}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} weights file (format={meta.get('format')!r})")
+    if meta.get("format") != format:
+        raise ValueError(f"{path} is not a {format} weights file (format={meta.get('format')!r})")
+    return meta, tensors
+
+
+def load_weights(path: str | Path = WEIGHTS_PATH) -> tuple[EmbeddedModel, StreamConfig, dict[str, Any]]:
+    """Read a weights file: (model in eval mode, fp32; its stream settings; the extra metadata)."""
+    meta, tensors = read_weights(path, FORMAT, "train them with `streamgen train --out DIR` and pass "
+                                               "DIR/embedded.safetensors")
     if json.loads(meta["vocab"]) != list(VOCAB):
         raise ValueError(f"{path} was trained on another world vocabulary; retrain it")
     cfg = DiTConfig.from_dict(json.loads(meta["dit"]))

@@ -47,13 +47,13 @@ def finished(value: R) -> Calls[R]:
     yield  # a generator all the same, so every execution is driven alike
 
 
-def against(denoiser: Denoiser, steps: Steps[R], cross: CrossKV, cache: KVCache) -> Calls[R]:
-    """A sampler's requests as single calls against one cache."""
+def against(denoiser: Denoiser, steps: Steps[R], cross: CrossKV, cache: KVCache, drive: Tensor | None = None) -> Calls[R]:
+    """A sampler's requests as single calls against one cache (each with the chunk's drive, if any)."""
     try:
         request = next(steps)
         while True:
             x, t, spec = request
-            flows = yield [denoiser.call(x, t, cross, cache, spec)]
+            flows = yield [denoiser.call(x, t, cross, cache, spec, drive)]
             request = steps.send(flows[0])
     except StopIteration as stop:
         return stop.value
@@ -68,6 +68,7 @@ class ChunkInputs:
     context_id: int  # changes whenever the context does (memo key for its cross-attention K/V)
     recache_id: int  # changes only on a re-cache transition
     noise: NoiseSource
+    drive: Tensor | None = None  # per-frame drive [1, F, D] of a driven (audio) stream
 
 
 Inputs = Callable[[int], ChunkInputs]
@@ -122,9 +123,16 @@ class Execution(ABC):
         """The next chunk, computed alone (no other stream's calls batched with it)."""
         return drive(self.denoiser, self.chunk(inputs))
 
+    def chunk_audio(self, chunk: int) -> Tensor | None:
+        """The audio samples that drove chunk `chunk`, handed over once (audio-driven executions); else None."""
+        return None
+
 
 class ExactExecution(Execution):
-    """Reference semantics: one cache, K steps then the clean-context rerun, chunk after chunk."""
+    """Reference semantics: one cache, K steps then the clean-context rerun, chunk after chunk.
+    Chunk j sits at cache frame `frame_offset` + j·F; frames before that are written by `prefill`."""
+
+    frame_offset = 0
 
     def __init__(self, denoiser: Denoiser, cache: KVCache, sampler: FewStepSampler, chunk_frames: int) -> None:
         super().__init__(denoiser, [cache], chunk_frames)
@@ -132,17 +140,23 @@ class ExactExecution(Execution):
         self.recent = RecentFrames(denoiser.policy.capacity_frames)
         self.recache_id = 0
 
+    def prefill(self, inp: ChunkInputs, cross: CrossKV) -> Calls[None]:
+        """DiT calls that fill the cache before chunk 0 (none: a text stream starts from an empty cache)."""
+        return finished(None)
+
     def chunk(self, inputs: Inputs) -> Calls[tuple[int, Tensor]]:
         j = self.started
         self.started += 1
         inp = inputs(j)
-        start = j * self.chunk_frames
+        start = self.frame_offset + j * self.chunk_frames
         cross = self.denoiser.cross_kv(inp.context_id, inp.context)
+        if j == 0:
+            yield from self.prefill(inp, cross)
         if inp.recache_id != self.recache_id:
             yield from recache(self.denoiser, self.caches[0], self.recent, cross, start, self.sampler.context_noise)
             self.recache_id = inp.recache_id
         steps = self.sampler.steps(inp.noise.initial(j), start, lambda k: inp.noise.fresh(j, k))
-        x0 = yield from against(self.denoiser, steps, cross, self.caches[0])
+        x0 = yield from against(self.denoiser, steps, cross, self.caches[0], inp.drive)
         self.recent.push(x0)
         return j, x0
 

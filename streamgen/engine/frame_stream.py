@@ -25,6 +25,7 @@ class FrameChunk:
     latents: Tensor
     acks: list[Ack] = field(default_factory=list)
     stall: dict[str, Any] | None = None  # set by backends that recovered from a fault before this chunk
+    audio: Tensor | None = None  # float32 samples that drove these frames (an audio-driven stream)
 
 
 class FrameStream:
@@ -52,7 +53,7 @@ class FrameStream:
         frames = self.decoder.push(chunk.latents)[0]
         video = self.decoder.video_frame
         acks = [replace(a, frame=video(a.frame)) for a in chunk.acks]
-        return FrameChunk(chunk.index, video(chunk.first_frame), frames, chunk.latents, acks)
+        return FrameChunk(chunk.index, video(chunk.first_frame), frames, chunk.latents, acks, audio=chunk.audio)
 
     @property
     def reset_pending(self) -> bool:

@@ -96,12 +96,14 @@ class Control:
 
 @dataclass
 class Chunk:
-    """One chunk of clean latents [B, F, C, H, W] starting at latent frame `first_frame`."""
+    """One chunk of clean latents [B, F, C, H, W] starting at latent frame `first_frame`; `audio`: the samples
+    that drove it (an audio-driven stream), else None."""
 
     index: int
     first_frame: int
     latents: Tensor
     acks: list[Ack]
+    audio: Tensor | None = None
 
 
 class Stream:
@@ -178,7 +180,7 @@ class Stream:
             self._acks += [Ack("reset", 0, 0, tag=c.tag) for c in resets]
         j, latents = yield from self.execution.chunk(self._inputs)
         acks, self._acks = self._acks, []
-        return Chunk(j, j * self.config.chunk_frames, latents, acks)
+        return Chunk(j, j * self.config.chunk_frames, latents, acks, self.execution.chunk_audio(j))
 
     @torch.no_grad()
     def next_chunk(self) -> Chunk:

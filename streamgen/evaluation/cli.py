@@ -67,12 +67,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add `eval` to a `streamgen` subparsers object; the parser's `func(args)` returns the exit code."""
     p = subparsers.add_parser("eval", help="score generated streams with the world checker, per cache policy × sampler",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--model", choices=("embedded", "world"), default="embedded",
+    p.add_argument("--model", choices=("embedded", "world", "embedded-avatar"), default="embedded",
                        help="embedded: the shipped weights (default); world: rendered ground truth, the checker's "
-                            "sanity baseline (policies and schedules are then labels only)")
-    model.add_argument("--weights", type=Path, metavar="FILE", help="an embedded-model weights file (streamgen train's "
-                                                                      "OUT/embedded.safetensors)")
+                            "sanity baseline (policies and schedules are then labels only); embedded-avatar: the "
+                            "avatar model on the avatar world's checker (--prompts = streams, --frames, --long-frames "
+                            "for drift; docs/avatar_world.md)")
+    p.add_argument("--weights", type=Path, metavar="FILE", help="a weights file of the --model (streamgen train's "
+                                                                  "OUT/embedded.safetensors or OUT/embedded_avatar.safetensors)")
     p.add_argument("--policies", nargs="+", metavar="NAME[:K=V,…]",
                    help="cache policies to compare (default: the model's own), e.g. window_sink ema_sink "
                         "window_sink:capacity_frames=12,sink_frames=3")
@@ -98,7 +99,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def load_source(args: argparse.Namespace):
-    if args.model == "world" and args.weights is None:
+    if args.model == "world":
+        if args.weights is not None:
+            raise ValueError("--weights is the file of a model: pass it with --model embedded, not world")
         return WorldSource()
     from ..bundles.embedded import WEIGHTS_PATH, embedded_bundle
 
@@ -110,7 +113,43 @@ def load_source(args: argparse.Namespace):
     return ModelSource(embedded_bundle(path), f"embedded ({path})")
 
 
+def cmd_eval_avatar(args: argparse.Namespace) -> int:
+    """The avatar model's table: lip sync, lag, identity, eyes, jitter; drift over --long-frames."""
+    import json
+    import time
+
+    import torch
+
+    from ..bundles.embedded_avatar import WEIGHTS_PATH, embedded_avatar_bundle
+    from ..train.avatar_eval import evaluate_avatar
+    from .avatar import evaluate_long, report_markdown
+
+    torch.set_num_threads(args.threads)
+    path = args.weights or WEIGHTS_PATH
+    if not Path(path).is_file():
+        print(f"streamgen eval: error: weights file not found: {path}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    bundle = embedded_avatar_bundle(path)
+    clips = 16 if args.prompts == "all" else args.prompts
+    doc = evaluate_avatar(bundle, clips=clips, frames=args.frames, seed=args.seed)
+    doc["settings"] = {"weights": str(path), "frames": args.frames, "seed": args.seed}
+    if args.long_frames:
+        doc["long"] = evaluate_long(bundle, args.long_frames, seed=args.seed)
+    doc["settings"]["seconds"] = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = report_markdown(doc)
+    (args.out / "eval.json").write_text(json.dumps(doc, indent=2, default=float))
+    (args.out / "eval.md").write_text(md)
+    if not args.quiet:
+        print(md)
+    print(f"wrote {args.out / 'eval.json'} and {args.out / 'eval.md'} ({doc['settings']['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.model == "embedded-avatar":
+        return cmd_eval_avatar(args)
     try:
         specs = [parse_policy(p) for p in args.policies or []]
         import torch

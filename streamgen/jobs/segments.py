@@ -2,7 +2,7 @@
 
 A segment is a pair of files with one stem (`seg_000120`: its first video frame): the video of its
 chunks (`.mp4`) and their latents (`.latents.safetensors`), so a checkpoint never rewrites what earlier
-segments hold — its cost does not grow with the render's length. Each video is its own H.264 MP4 (`render.writer.Mp4Writer`: written to a temporary name, renamed
+segments hold — its cost does not grow with the render's length. Each video is its own H.264 MP4 (`render.writer.VideoWriter`: written to a temporary name, renamed
 when complete), so it starts with an IDR frame and no frame refers across a boundary: a closed GOP.
 A segment is committed (both files renamed into place, fsynced) before the checkpoint that covers
 it, so after a crash every segment the checkpoint lists is whole, and any other file is work after
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..render.writer import Mp4Writer, load_latents, save_latents
+from ..render.writer import VideoWriter, load_latents, save_latents
 
 VIDEO, LATENTS = ".mp4", ".latents.safetensors"
 
@@ -83,12 +83,12 @@ class SegmentWriter:
         self.folder, self.fps, self.size, self.crf, self.preset = folder, fps, size, crf, preset
         self.first_frame = first_frame  # of the open segment
         self.frames = 0  # in the open segment
-        self._writer: Mp4Writer | None = None
+        self._writer: VideoWriter | None = None
         self._latents: list[torch.Tensor] = []
 
     def write(self, frames: torch.Tensor, latents: torch.Tensor) -> None:
         if self._writer is None:
-            self._writer = Mp4Writer(self.folder / f"{segment_stem(self.first_frame)}{VIDEO}", self.fps, self.size, "auto",
+            self._writer = VideoWriter(self.folder / f"{segment_stem(self.first_frame)}{VIDEO}", self.fps, self.size, "auto",
                                      self.crf, None, self.preset)
         self._writer.write(frames)
         self._latents.append(latents.detach().cpu())

@@ -13,7 +13,7 @@ from typing import Any
 
 _EXPORTS = {"RenderJob": "job", "RenderResult": "job", "run_job": "job", "TimelineEntry": "timeline",
             "TimelineError": "timeline", "load_timeline": "timeline", "parse_timeline": "timeline",
-            "Mp4Writer": "writer", "load_latents": "writer", "add_render_parser": "cli"}
+            "VideoWriter": "writer", "load_latents": "writer", "add_render_parser": "cli"}
 
 __all__ = list(_EXPORTS)
 

@@ -1,8 +1,14 @@
-"""`streamgen render`: a prompt or a timeline of prompts → an H.264 MP4 (and optionally the latents).
+"""`streamgen render`: a prompt or a timeline of prompts → an H.264 MP4 (and optionally the latents);
+for an audio-driven model, speech and a face picture → an H.264 + AAC MP4.
 
     streamgen render --prompt "a red fox" --seconds 10 -o fox.mp4
     streamgen render --timeline story.yaml --seconds 30 --size 512 -o story.mp4 --latents-out story.safetensors
     streamgen render --timeline story.yaml --backend ray --ray-stages 2 -o story.mp4
+    streamgen render --model embedded-avatar --audio speech.wav --reference face.png -o talk.mp4
+
+Audio-driven models (embedded-avatar): --audio is required, the video is as long as the audio (to the
+frame) and carries it as its sound track, frame n beside the audio that drove it; --reference defaults
+to a white disc on black (a white round face); a prompt, timeline or --seconds is ignored with a warning.
 
 Exit status: 0 done; 2 bad arguments, timeline or settings (nothing written); 1 the render failed
 (nothing written); 130 interrupted (nothing written).
@@ -33,11 +39,11 @@ def _size_arg(text: str) -> int | tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _mp4_arg(text: str) -> Path:
-    from .writer import check_mp4_name
+def _output_arg(text: str):
+    from .writer import parse_output
 
     try:
-        return check_mp4_name(text)
+        return parse_output(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -81,8 +87,13 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--timeline", type=Path, metavar="FILE",
                       help="JSON or YAML list of {at: seconds, prompt, transition?}; transition: recache, blend or "
                            "{kind: blend, chunks: 4, interpolation: slerp}")
-    what.add_argument("--seconds", type=_positive(float), default=DEFAULT_SECONDS,
-                      help=f"length in model time: round(seconds × model fps) frames are written (default {DEFAULT_SECONDS:g})")
+    what.add_argument("--seconds", type=_positive(float),
+                      help=f"length in model time: round(seconds × model fps) frames are written (default {DEFAULT_SECONDS:g}; "
+                           "an audio-driven model: the audio's length)")
+    what.add_argument("--audio", type=Path, metavar="SPEECH.wav",
+                      help="an audio-driven model's speech: integer-PCM WAV, any rate (resampled to 16 kHz), channels averaged")
+    what.add_argument("--reference", type=Path, metavar="FACE.png",
+                      help="an audio-driven model's face picture, PNG or JPEG (default: a white disc on black, a white round face)")
     what.add_argument("--seed", type=int, help="noise seed (default: the model's, 0)")
     what.add_argument("--model", help="built-in bundle or model family (default: the registry's default)")
     what.add_argument("--model-dir", help="local files of a model family (see `streamgen models show NAME`)")
@@ -94,7 +105,9 @@ def add_render_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--threads", type=_positive(int), help="torch threads (default: the cores idle at start, see engine/threads.py)")
 
     out = p.add_argument_group("output")
-    out.add_argument("-o", "--out", type=_mp4_arg, metavar="OUT.mp4", help="output MP4 (H.264, yuv420p)")
+    out.add_argument("-o", "--out", type=_output_arg, metavar="OUT",
+                     help="OUT.mp4 (H.264 MP4), OUT.m3u8 (HLS: MPEG-TS segments beside the playlist) or "
+                          "rtmp[s]://host/app/key (pushed live, in real time)")
     out.add_argument("--latents-out", type=Path, metavar="FILE.safetensors",
                      help='also save the latents of the frames written: key "latents" [1, F, C, h, w] + metadata '
                           '(model, seed, timeline JSON, …)')
@@ -124,19 +137,41 @@ def _error(message: str) -> int:
 
 
 def job_from_args(args: argparse.Namespace):
-    """The `RenderJob` of parsed `render` arguments (raises TimelineError / ValueError)."""
-    from .job import RenderJob
+    """The `RenderJob` of parsed `render` arguments (raises TimelineError / ValueError); the audio and
+    reference files are read here, so a bad one is refused before a model is loaded."""
+    from .job import RenderJob, read_drive
     from .timeline import load_timeline, with_opening
 
     entries = load_timeline(args.timeline) if args.timeline is not None else []
     source = str(args.timeline) if args.timeline is not None else "--prompt"
     if not 0 <= args.crf <= 51:
         raise ValueError(f"--crf must be 0…51, got {args.crf}")
-    return RenderJob(timeline=with_opening(entries, args.prompt, source), seconds=args.seconds, out=args.out,
+    if args.reference is not None and args.audio is None:
+        raise ValueError("--reference is an audio-driven model's face and goes with --audio SPEECH.wav")
+    # no text at all may suit an audio-driven model: only a built-in can be one (families load for minutes,
+    # so theirs is said now), and `job_frames` says what is missing once the model is known
+    untexted = args.prompt is None and not entries and (args.model_dir is None or args.audio is not None)
+    seconds = args.seconds if args.seconds is not None or args.audio is not None else DEFAULT_SECONDS
+    return RenderJob(timeline=[] if untexted else with_opening(entries, args.prompt, source), seconds=seconds, out=args.out,
                      latents_out=args.latents_out, seed=args.seed, fps=args.fps, size=args.size,
                      scale_filter=args.scale_filter, crf=args.crf, bitrate=args.bitrate, preset=args.preset,
                      schedule=args.schedule, policy=args.policy, policy_settings=dict(args.policy_setting),
-                     batch_slots=False if args.unbatched else None, source=source)
+                     batch_slots=False if args.unbatched else None, source=source,
+                     drive=read_drive(args.audio, args.reference) if args.audio is not None else None)
+
+
+def refuse_family_drive(args: argparse.Namespace) -> None:
+    """--audio with --model-dir: refused before the family's long load. No family streams from audio yet:
+    an s2v one (live-avatar) is refused by `require_streamable`, with its reason; any other takes text."""
+    if args.audio is None or args.model_dir is None:
+        return
+    from ..bundles.builtins import DEFAULT_MODEL
+    from ..bundles.family import load_family_config
+
+    name = args.model or DEFAULT_MODEL
+    load_family_config(name).require_streamable("render")
+    raise ValueError(f"--audio drives an audio-driven model (embedded-avatar); the family {name} is a text model: "
+                     "drop --audio and give --prompt or --timeline")
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -146,6 +181,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         return _error("nothing to write: give -o OUT.mp4 and/or --latents-out FILE.safetensors")
     try:
         job = job_from_args(args)
+        refuse_family_drive(args)
     except (TimelineError, ValueError) as exc:
         return _error(str(exc))
 
@@ -156,15 +192,17 @@ def cmd_render(args: argparse.Namespace) -> int:
     from ..bundles.bundle import DEFAULT_MODEL, load_bundle
     from ..bundles.options import bundle_settings
     from ..engine.threads import default_threads
-    from .job import frame_count, run_job
+    from .job import job_frames, require_backend, run_job
 
     torch.set_num_threads(args.threads or default_threads())
     backend = None
     bar = None
     try:
         bundle = load_bundle(args.model or DEFAULT_MODEL, args.model_dir, **bundle_settings(args))
+        total = job_frames(job, bundle)  # inputs that do not suit the model: refused before a backend starts
+        require_backend(job, getattr(args, "backend", "local"))
         backend = backend_from_args(args, bundle, max_streams=1)
-        bar = tqdm(total=frame_count(job.seconds, bundle.fps), unit="frame", desc="render", disable=args.quiet,
+        bar = tqdm(total=total, unit="frame", desc="render", disable=args.quiet,
                    dynamic_ncols=True, file=sys.stderr)
 
         def progress(done: int, total: int) -> None:

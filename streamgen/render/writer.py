@@ -1,17 +1,31 @@
-"""Render outputs: frames → scaled → H.264 MP4 (PyAV), and the latents file (safetensors).
+"""Render outputs: frames → scaled → H.264 (PyAV) into an MP4 file, an HLS playlist or an RTMP(S) URL,
+with an AAC track beside them for audio-driven models, and the latents file (safetensors).
 
-Both are written to a temporary file next to the target and renamed into place when complete, so a
-failed or interrupted render leaves nothing behind (and never a truncated file under the real name).
+- MP4 (`out.mp4`) and the latents are written to a temporary file next to the target and renamed into
+  place when complete, so a failed or interrupted render leaves nothing behind (never a truncated file
+  under the real name).
+- HLS (`out.m3u8`): MPEG-TS segments of KEYFRAME_S beside the playlist (`out_00000.ts` …), a VOD playlist;
+  a failed render removes the playlist and its segments.
+- RTMP (`rtmp://host/app/key`, `rtmps://…`): FLV pushed to the server in real time — frame n is sent no
+  earlier than n / fps after the first (platforms ingest live streams, not bursts), with real timestamps.
+HLS and RTMP are encoded without B-frames (`tune=zerolatency`): live players and ingest servers expect
+decode order = presentation order, and no frame waits for a later one.
 
 Video: libx264, yuv420p (even sides), BT.709 tagged, constant quality CRF 18 by default (visually
 lossless for generated content; `bitrate` switches to a capped average bitrate instead), preset
 "medium", a keyframe every 2 s, `+faststart` (the index up front, so players start at once).
+
+Audio (`audio_rate` set): mono AAC-LC at 64 kb/s, sample k at k / rate, so the samples written with
+frame n play beside frame n; the encoder's priming delay is undone by the MP4 edit list (players and
+FFmpeg start the track at 0).
 """
 from __future__ import annotations
 
 import fractions
 import os
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +40,7 @@ PIXEL_ART_MAX_SIDE = 128  # frames this small (embedded / tiny models, latent pr
 DEFAULT_CRF = 18
 DEFAULT_PRESET = "medium"
 KEYFRAME_S = 2.0
+AAC_BITRATE = 64_000  # ample for mono speech at 16 kHz
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 
 
@@ -100,13 +115,40 @@ def _temp_beside(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
 
 
-def check_mp4_name(path: str | Path) -> Path:
-    """The video is always an MP4 (H.264): a name ending in another suffix would mislabel the file."""
-    path = Path(path)
-    if path.suffix.lower() != ".mp4":
-        raise ValueError(f"{path}: the video is written as MP4 (H.264); name it *.mp4 "
-                         f"(got suffix {path.suffix or '(none)'!r})")
-    return path
+@dataclass(frozen=True)
+class Output:
+    """Where the video goes: `kind` mp4 | hls | rtmp, `target` the file path or the URL."""
+
+    kind: str
+    target: str
+
+    @property
+    def path(self) -> Path:
+        if self.kind == "rtmp":
+            raise ValueError(f"{self.target} is a URL, not a file")
+        return Path(self.target)
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind != "rtmp"
+
+
+def parse_output(target: str | Path | Output) -> Output:
+    """`out.mp4`, `out.m3u8` or `rtmp[s]://host/app/key`; anything else is refused naming the three."""
+    if isinstance(target, Output):
+        return target
+    text = str(target)
+    if text.lower().startswith(("rtmp://", "rtmps://")):
+        from urllib.parse import urlsplit
+
+        if not urlsplit(text).hostname:
+            raise ValueError(f"{text}: an RTMP URL needs a host (rtmp://host/app/stream-key)")
+        return Output("rtmp", text)
+    suffix = Path(text).suffix.lower()
+    if suffix in (".mp4", ".m3u8"):
+        return Output("mp4" if suffix == ".mp4" else "hls", text)
+    raise ValueError(f"{text}: the video is written as MP4 (*.mp4), HLS (*.m3u8) or pushed to rtmp://host/app/key "
+                     f"(got suffix {Path(text).suffix or '(none)'!r})")
 
 
 def check_writable(path: str | Path) -> Path:
@@ -121,21 +163,56 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+# --- audio -----------------------------------------------------------------------------------------
+class AacTrack:
+    """A mono AAC track of an open container: `write(samples)` places them right after the previous ones
+    (pts = samples written so far, time base 1 / rate), so the track's timing is its sample count."""
+
+    def __init__(self, container: Any, rate: int, bitrate: int = AAC_BITRATE) -> None:
+        stream = container.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        stream.time_base = fractions.Fraction(1, rate)
+        stream.bit_rate = bitrate
+        self._container, self._stream, self.rate, self.samples = container, stream, rate, 0
+
+    def write(self, samples: Tensor | np.ndarray) -> None:
+        """Encode float samples [N] in [-1, 1]; packets are muxed as the encoder emits them (1,024 samples each)."""
+        import av
+        import numpy as np
+
+        x = np.ascontiguousarray(np.asarray(samples, np.float32).reshape(1, -1))
+        frame = av.AudioFrame.from_ndarray(x, format="flt", layout="mono")
+        frame.sample_rate, frame.time_base, frame.pts = self.rate, self._stream.time_base, self.samples
+        self._container.mux(self._stream.encode(frame))
+        self.samples += x.shape[1]
+
+    def flush(self) -> None:
+        """The encoder's last, padded packet; the muxer records its real length, so the track ends with the video."""
+        self._container.mux(self._stream.encode())
+
+
 # --- video -----------------------------------------------------------------------------------------
-class Mp4Writer:
-    """`write(frames uint8 [N, H, W, 3])` any number of times, then `close()` (renames into place);
-    `abort()` (or an exception inside `with`) deletes the partial file. Frames are scaled to `size`
-    (see `output_size`) with `scale_filter` on the first write."""
+class VideoWriter:
+    """`write(frames uint8 [N, H, W, 3])` any number of times, then `close()` (an MP4 is renamed into place);
+    `abort()` (or an exception inside `with`) deletes the partial output. Frames are scaled to `size`
+    (see `output_size`) with `scale_filter` on the first write. `path` is an `Output` or its text.
+
+    With `audio_rate` (Hz) the file gets an AAC track and every `write` takes the frames' audio too:
+    exactly audio_rate / fps samples per frame, so the track never drifts from the video."""
 
     def __init__(self, path: str | Path, fps: float, size: int | tuple[int, int] | None = None,
                  scale_filter: str = "auto", crf: int | None = DEFAULT_CRF, bitrate: int | None = None,
-                 preset: str = DEFAULT_PRESET) -> None:
+                 preset: str = DEFAULT_PRESET, audio_rate: int | None = None) -> None:
         if scale_filter not in SCALE_FILTERS:
             raise ValueError(f"unknown scale filter {scale_filter!r}; known: {', '.join(SCALE_FILTERS)}")
         if fps <= 0:
             raise ValueError(f"fps must be > 0, got {fps}")
-        self.path = Path(path)
+        self.output = parse_output(path)
         self.rate = fractions.Fraction(fps).limit_denominator(1001)
+        self.audio_rate = audio_rate
+        self.samples_per_frame = None if audio_rate is None else fractions.Fraction(audio_rate) / self.rate
+        if self.samples_per_frame is not None and self.samples_per_frame.denominator != 1:
+            raise ValueError(f"audio at {audio_rate} Hz is not a whole number of samples per frame at {fps:g} fps")
         self.size_spec, self.scale_filter = size, scale_filter
         self.crf, self.bitrate, self.preset = (None if bitrate else crf), bitrate, preset
         self.size: tuple[int, int] | None = None
@@ -144,14 +221,37 @@ class Mp4Writer:
         self._tmp: Path | None = None
         self._container: Any = None
         self._stream: Any = None
+        self._audio: AacTrack | None = None
+        self._clock: float | None = None  # RTMP: wall time of frame 0
 
-    def _open(self, width: int, height: int) -> None:
+    @property
+    def path(self) -> Path:
+        return self.output.path
+
+    def _open_container(self) -> Any:
         import av
 
+        out = self.output
+        if out.kind == "mp4":
+            self._tmp = _temp_beside(out.path)
+            return av.open(str(self._tmp), "w", format="mp4", options={"movflags": "+faststart"})
+        if out.kind == "hls":
+            return av.open(out.target, "w", format="hls", options={
+                "hls_time": f"{KEYFRAME_S:g}", "hls_playlist_type": "vod", "hls_list_size": "0",
+                "hls_segment_type": "mpegts", "hls_segment_filename": str(self._segment_pattern())})
+        try:
+            return av.open(out.target, "w", format="flv", timeout=(10.0, 10.0))
+        except av.error.FFmpegError as exc:
+            raise ValueError(f"cannot connect to {out.target}: {exc}") from None
+
+    def _segment_pattern(self) -> Path:
+        path = self.output.path
+        return path.with_name(f"{path.stem}_%05d.ts")
+
+    def _open(self, width: int, height: int) -> None:
         self.size = output_size(width, height, self.size_spec)
         self.filter = choose_filter(self.scale_filter, (width, height), self.size)
-        self._tmp = _temp_beside(self.path)
-        self._container = av.open(str(self._tmp), "w", format="mp4", options={"movflags": "+faststart"})
+        self._container = self._open_container()
         s = self._container.add_stream("libx264", rate=self.rate)
         s.width, s.height = self.size
         s.pix_fmt = "yuv420p"
@@ -160,6 +260,8 @@ class Mp4Writer:
         cc.colorspace = cc.color_primaries = cc.color_trc = 1  # BT.709
         cc.color_range = 1  # limited ("tv"), what players assume
         options = {"preset": self.preset}
+        if self.output.kind != "mp4":
+            options.update(tune="zerolatency", bf="0")  # live outputs: no B-frames, no look-ahead
         if self.bitrate:
             cc.bit_rate = int(self.bitrate)
             options.update(maxrate=str(int(self.bitrate * 1.5)), bufsize=str(int(self.bitrate * 2)))
@@ -167,8 +269,11 @@ class Mp4Writer:
             options["crf"] = str(self.crf if self.crf is not None else DEFAULT_CRF)
         s.options = options
         self._stream = s
+        if self.audio_rate is not None:  # every stream is added before the first packet (the header)
+            self._audio = AacTrack(self._container, self.audio_rate)
 
-    def write(self, frames: Tensor | np.ndarray) -> None:
+    def write(self, frames: Tensor | np.ndarray, audio: Tensor | np.ndarray | None = None) -> None:
+        """Frames uint8 [N, H, W, 3]; with an audio track, `audio` = their N × samples_per_frame samples."""
         import av
         import numpy as np
         import torch
@@ -176,31 +281,60 @@ class Mp4Writer:
         frames = torch.as_tensor(frames)
         if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
             raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        self._check_audio(len(frames), audio)
         if self._stream is None:
             self._open(frames.shape[2], frames.shape[1])
+        if self._audio is not None:
+            self._audio.write(audio)
         assert self.size is not None and self.filter is not None
         for image in scale_frames(frames, self.size, self.filter).numpy():
+            self._pace()
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             frame = frame.reformat(format="yuv420p", dst_colorspace="ITU709", interpolation="AREA")  # box chroma: no bleed
             frame.pts = self.frames
             self._container.mux(self._stream.encode(frame))
             self.frames += 1
 
-    def close(self) -> Path:
-        """Flush, finish the file and move it to `path`; returns `path`."""
+    def _pace(self) -> None:
+        """RTMP is live: frame n leaves no earlier than n / fps after frame 0 (files are written at once)."""
+        if self.output.kind != "rtmp":
+            return
+        if self._clock is None:
+            self._clock = time.monotonic()
+        wait = self._clock + self.frames / float(self.rate) - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
+    def _check_audio(self, frames: int, audio: Tensor | np.ndarray | None) -> None:
+        """Audio exactly when the file has a track, and exactly the frames' share of it: a short or long
+        write would shift every later sample against its frame."""
+        if self.samples_per_frame is None:
+            if audio is not None:
+                raise ValueError("this MP4 has no audio track: open the writer with audio_rate")
+            return
+        expected = frames * int(self.samples_per_frame)
+        got = None if audio is None else len(audio)
+        if got != expected:
+            raise ValueError(f"{frames} frames at {float(self.rate):g} fps take {expected} audio samples at "
+                             f"{self.audio_rate} Hz, got {got if got is not None else 'none'}")
+
+    def close(self) -> Path | str:
+        """Flush, finish the output (an MP4 is moved to its name); returns the path, or the URL."""
         if self._container is None:
-            raise ValueError(f"no frames were written to {self.path}")
+            raise ValueError(f"no frames were written to {self.output.target}")
         try:
             self._container.mux(self._stream.encode())
+            if self._audio is not None:
+                self._audio.flush()
             self._container.close()
         except BaseException:
             self.abort()
             raise
         self._container = None
-        assert self._tmp is not None
-        os.replace(self._tmp, self.path)
-        self._tmp = None
-        return self.path
+        if self._tmp is not None:
+            os.replace(self._tmp, self.output.path)
+            self._tmp = None
+        return self.output.path if self.output.is_file else self.output.target
 
     def abort(self) -> None:
         if self._container is not None:
@@ -212,8 +346,12 @@ class Mp4Writer:
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
+        if self.output.kind == "hls":
+            self.output.path.unlink(missing_ok=True)
+            for segment in self.output.path.parent.glob(f"{self.output.path.stem}_*.ts"):
+                segment.unlink(missing_ok=True)
 
-    def __enter__(self) -> Mp4Writer:
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

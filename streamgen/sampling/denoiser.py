@@ -17,7 +17,8 @@ from ..models.dit import CrossKV, WanDiT
 
 @dataclass
 class DiTCall:
-    """Inputs of one call in the pipeline layout: x [B, F, C, H, W], t [B, F], against `cache` under `policy`."""
+    """Inputs of one call in the pipeline layout: x [B, F, C, H, W], t [B, F], against `cache` under `policy`;
+    `drive` [B, F, D] for a driven DiT (per-frame audio features), None otherwise."""
 
     x: Tensor
     t: Tensor
@@ -25,11 +26,13 @@ class DiTCall:
     cache: KVCache
     call: CallSpec
     policy: CachePolicy
+    drive: Tensor | None = None
 
     @property
     def batch_key(self) -> tuple:
-        """Calls with equal keys can share one forward: same latent geometry, frame count and text length."""
-        return (tuple(self.x.shape[1:]), self.x.dtype, self.x.device, tuple(self.cross[0][0].shape[1:]))
+        """Calls with equal keys can share one forward: same latent geometry, frame count, text length and drive."""
+        drive = None if self.drive is None else tuple(self.drive.shape[2:])
+        return (tuple(self.x.shape[1:]), self.x.dtype, self.x.device, tuple(self.cross[0][0].shape[1:]), drive)
 
 
 @torch.no_grad()
@@ -41,7 +44,8 @@ def forward(model: WanDiT, calls: list[DiTCall]) -> list[Tensor]:
     t = torch.cat([c.t for c in calls]).to(x.device)
     cross = [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in zip(*(c.cross for c in calls))]
     attn = contexts[0] if len(calls) == 1 else BatchedAttention(contexts, sizes)
-    return list(model(x, t, cross, attn).transpose(1, 2).split(sizes))
+    drive = {} if calls[0].drive is None else {"drive": torch.cat([c.drive for c in calls]).to(x.device)}
+    return list(model(x, t, cross, attn, **drive).transpose(1, 2).split(sizes))
 
 
 class Denoiser:
@@ -58,8 +62,9 @@ class Denoiser:
         """Cross-attention K/V of a context, computed once per key (a prompt or blend step)."""
         return self._cross.get(key, lambda: self.model.cross_kv(context))
 
-    def call(self, x: Tensor, t: Tensor, cross: CrossKV, cache: KVCache, spec: CallSpec) -> DiTCall:
-        return DiTCall(x, t, cross, cache, spec, self.policy)
+    def call(self, x: Tensor, t: Tensor, cross: CrossKV, cache: KVCache, spec: CallSpec,
+             drive: Tensor | None = None) -> DiTCall:
+        return DiTCall(x, t, cross, cache, spec, self.policy, drive)
 
     def __call__(self, calls: list[DiTCall]) -> list[Tensor]:
         """Run calls with equal frame counts as one forward."""

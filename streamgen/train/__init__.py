@@ -8,7 +8,6 @@ self_forcing.py  batched few-step rollouts through the engine (own trajectories 
 ema.py           exponential moving average of the weights
 engine.py        DeepSpeed on CPU (single process, gloo) or GPU
 loop.py          the trainer: phases, checkpoints, resume, progress, logs
-export.py        EMA weights → safetensors
 evaluate.py      checker metrics of streams generated through the real Stream API
 cli.py           `streamgen train` arguments
 """

@@ -14,13 +14,16 @@ from pathlib import Path
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `train` sub-command to an argparse subparsers object."""
     from .config import DEFAULTS as d  # torch-free: the parser costs nothing until `train` runs
-    from .config import LEAD_IN_MOTIONS
+    from .config import LEAD_IN_MOTIONS, TASKS
 
     with_default = " (default: %(default)s)"  # appended to every help whose flag has a default
 
     p = subparsers.add_parser("train", help="train the embedded model (DeepSpeed; CPU by default)",
                               description="Phase 1: Diffusion Forcing on world clips. Phase 2: self-forcing rollouts "
                                           "with the world as teacher. Exports the EMA weights to OUT/embedded.safetensors.")
+    p.add_argument("--model", dest="task", choices=TASKS, default=d.task,
+                   help="what to train: the embedded text model, or the embedded avatar on the avatar world "
+                        "(docs/embedded_avatar.md)" + with_default)
     p.add_argument("--out", default=d.out, help="run folder: checkpoints, log.jsonl, weights, eval (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data, noise and initial weights" + with_default)
@@ -87,35 +90,35 @@ def config_from_args(args: argparse.Namespace):
     from .config import TrainConfig, default_model
 
     sizes = {"dim": args.dim, "num_layers": args.layers, "num_heads": args.heads, "ffn_dim": args.ffn_dim}
-    model = {**default_model(), **{k: v for k, v in sizes.items() if v is not None}}
+    model = {**default_model(args.task), **{k: v for k, v in sizes.items() if v is not None}}
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     return TrainConfig(**{**values, "model": model})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_summary
-    from .export import export_ema
-    from .loop import Trainer, describe
-
     cfg = config_from_args(args)
     out = Path(cfg.out)
     if not args.resume and (out / "checkpoints" / "latest").is_file():
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if cfg.task == "embedded-avatar":
+        from .avatar import AvatarTrainer as Trainer
+    else:
+        from .loop import Trainer
     trainer = Trainer(cfg)
     if args.resume and trainer.load_checkpoint():
         print(f"resumed at step {trainer.step} from {trainer.ckpt_dir}")
-    print(describe(trainer))
+    print(trainer.describe())
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     start = time.perf_counter()
     trainer.run(progress=not args.quiet, until=args.until)
     print(f"trained to step {trainer.step} in {time.perf_counter() - start:.0f} s this session "
           f"({trainer.elapsed:.0f} s of steps in total)")
-    path = export_ema(trainer, out / "embedded.safetensors")
+    path = trainer.export(out / ("embedded_avatar.safetensors" if cfg.task == "embedded-avatar" else "embedded.safetensors"))
     print(f"exported EMA weights to {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if cfg.eval_prompts:
-        result = evaluate(path, cfg.eval_prompts, cfg.eval_frames, seed=10_000)
+        with (out / "log.jsonl").open("a") as log:
+            result = trainer.log_eval(log)
         (out / "eval.json").write_text(json.dumps(result, indent=2, default=str))
-        print(f"eval ({cfg.eval_prompts} streams × {cfg.eval_frames} frames): {format_summary(result['summary'])}")
     return 0

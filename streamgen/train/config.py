@@ -6,8 +6,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
-def default_model() -> dict[str, Any]:
-    """The embedded model's DiT dimensions (streamgen.bundles.embedded.EMBEDDED_DIT)."""
+TASKS = ("embedded", "embedded-avatar")  # what `streamgen train --model` trains
+
+
+def default_model(task: str = "embedded") -> dict[str, Any]:
+    """The DiT dimensions of a task's model (EMBEDDED_DIT, or the avatar's AVATAR_DIT)."""
+    if task == "embedded-avatar":
+        from ..bundles.embedded_avatar import AVATAR_DIT
+
+        return AVATAR_DIT.to_dict()
     from ..bundles.embedded import EMBEDDED_DIT
 
     return EMBEDDED_DIT.to_dict()
@@ -21,6 +28,7 @@ class TrainConfig:
     """Every setting of a run (saved in checkpoints and the exported file)."""
 
     out: str = "runs/embedded"
+    task: str = "embedded"          # TASKS: the text model on the procedural world, or the avatar
     seed: int = 0
     phase1_steps: int = 2700
     phase2_steps: int = 500

@@ -33,13 +33,14 @@ from .self_forcing import self_forcing_batch
 
 @dataclass
 class StepInputs:
-    """One step's batch: noisy latents x, per-frame t, target v, prompt ids, attention block ids, loss weights."""
+    """One step's batch: noisy latents x, per-frame t, target v, the condition (prompt ids; an avatar's
+    per-frame drive), attention block ids, loss weights."""
 
     phase: str
     x: torch.Tensor
     t: torch.Tensor
     target: torch.Tensor
-    tokens: torch.Tensor
+    cond: torch.Tensor
     block_ids: torch.Tensor | list[int]
     weight: torch.Tensor
     info: dict[str, Any]
@@ -54,13 +55,18 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 class Trainer:
+    """The embedded text model's trainer; `block_frames`, `build_model`, the phase inputs, `loss`, `export`
+    and `log_eval` are what another task (train/avatar.py) changes."""
+
+    block_frames = CHUNK  # frames per attention block id and per loss weight
+
     def __init__(self, cfg: TrainConfig, stream: StreamConfig = EMBEDDED_STREAM) -> None:
         self.cfg = cfg
         self.stream = stream
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
-        model = EmbeddedModel(DiTConfig.from_dict(cfg.model))
+        model = self.build_model()
         self.schedule = FlowSchedule(stream.shift)
         self.sampler_steps = self.schedule.step_list(list(stream.steps), stream.warp_steps)
         cpu = cfg.device == "cpu"
@@ -71,6 +77,9 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.history: list[dict[str, Any]] = []
+
+    def build_model(self) -> torch.nn.Module:
+        return EmbeddedModel(DiTConfig.from_dict(self.cfg.model))
 
     @property
     def model(self) -> EmbeddedModel:
@@ -145,13 +154,16 @@ class Trainer:
     def optimize(self, inp: StepInputs) -> float:
         """One DeepSpeed forward / backward / step on prepared inputs, then the EMA update; returns the loss."""
         dev = self.device
-        attn = ChunkMaskAttention(self.model.dit.rope, CHUNK, inp.block_ids)
-        pred = self.engine(inp.x.to(dev), inp.t.to(dev), inp.tokens.to(dev), attn)
-        loss = masked_loss(pred, inp.target.to(dev), inp.weight.to(dev), CHUNK)
+        attn = ChunkMaskAttention(self.model.dit.rope, self.block_frames, inp.block_ids)
+        pred = self.engine(inp.x.to(dev), inp.t.to(dev), inp.cond.to(dev), attn)
+        loss = self.loss(pred, inp.target.to(dev), inp.weight.to(dev))
         self.engine.backward(loss)
         self.engine.step()
         self.ema.update(self.model)
         return loss.item()
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return masked_loss(pred, target, weight, self.block_frames)
 
     def train_step(self) -> dict[str, Any]:
         inp = self.inputs(self.step)
@@ -188,6 +200,18 @@ class Trainer:
     def ema_model(self) -> EmbeddedModel:
         """A copy of the model holding the EMA weights (eval mode, no grad)."""
         return self.ema.copy_to(copy.deepcopy(self.model)).eval().requires_grad_(False)
+
+    def summary(self) -> dict[str, Any]:
+        """What the exported weights record of the run."""
+        cfg = self.cfg
+        return {"step": self.step, "seed": cfg.seed, "phase1_steps": cfg.phase1_steps,
+                "phase2_steps": cfg.phase2_steps, "elapsed_s": round(self.elapsed, 1)}
+
+    def export(self, path: str | Path) -> Path:
+        """The EMA weights, the stream settings and a training summary to one safetensors file."""
+        from ..bundles.embedded import save_weights
+
+        return save_weights(self.ema_model(), path, stream=self.stream, train=self.summary())
 
     # --- the run ----------------------------------------------------------------------------------
     def run(self, progress: bool = True, until: int | None = None) -> list[dict[str, Any]]:
@@ -238,20 +262,24 @@ class Trainer:
             self.save_checkpoint()
         return self.history
 
-    def log_eval(self, log, bar=None) -> dict:
+    def evaluate_ema(self) -> tuple[dict, dict[str, Any], str]:
+        """The checker's eval of the EMA weights: (result, what the log records, a one-line summary)."""
         from .evaluate import evaluate, format_summary
 
         result = evaluate(self.ema_model(), self.cfg.eval_prompts, self.cfg.eval_frames, seed=10_000)
-        entry = {"step": self.step, "eval": {k: v for k, v in result["summary"].items() if k != "latency"},
+        entry = {"eval": {k: v for k, v in result["summary"].items() if k != "latency"},
                  "latency": result["summary"]["latency"].get("prompt")}
-        log.write(json.dumps(entry) + "\n")
+        return result, entry, format_summary(result["summary"])
+
+    def log_eval(self, log, bar=None) -> dict:
+        result, entry, line = self.evaluate_ema()
+        log.write(json.dumps({"step": self.step, **entry}) + "\n")
         log.flush()
-        (bar.write if bar is not None else print)(f"[eval @ {self.step}] {format_summary(result['summary'])}")
+        (bar.write if bar is not None else print)(f"[eval @ {self.step}] {line}")
         return result
 
-
-def describe(trainer: Trainer) -> str:
-    cfg = trainer.cfg
-    return (f"embedded model: {parameter_count(trainer.model) / 1e6:.2f}M parameters, {cfg.phase1_steps} phase-1 steps "
-            f"(batch {cfg.batch} × {cfg.clip_chunks * CHUNK} frames) + {cfg.phase2_steps} phase-2 steps "
-            f"(batch {cfg.p2_batch}, rollouts ≤ {cfg.p2_max_rollout} chunks, {cfg.p2_mix:.0%} phase-1 mix), out {trainer.out}")
+    def describe(self) -> str:
+        cfg = self.cfg
+        return (f"embedded model: {parameter_count(self.model) / 1e6:.2f}M parameters, {cfg.phase1_steps} phase-1 steps "
+                f"(batch {cfg.batch} × {cfg.clip_chunks * CHUNK} frames) + {cfg.phase2_steps} phase-2 steps "
+                f"(batch {cfg.p2_batch}, rollouts ≤ {cfg.p2_max_rollout} chunks, {cfg.p2_mix:.0%} phase-1 mix), out {self.out}")

@@ -37,12 +37,12 @@ class RecordingDenoiser(Denoiser):
         super().__init__(*args, **kwargs)
         self.steps: list[tuple[Tensor, Tensor]] = []
 
-    def call(self, x, t, cross, cache, spec):
+    def call(self, x, t, cross, cache, spec, drive=None):
         if spec.role == "denoise":
             if spec.start_frame != getattr(self, "_chunk_start", None):
                 self.steps, self._chunk_start = [], spec.start_frame
             self.steps.append((x, t))
-        return super().call(x, t, cross, cache, spec)
+        return super().call(x, t, cross, cache, spec, drive)
 
 
 @torch.no_grad()

@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from ..attention import attention
 from ..dit import Attention, LayerNorm
+from ..config import DiTConfig
 from .audio import AudioTokens
-from .config import S2VConfig
 
 
 class AdaLayerNorm(nn.Module):
@@ -25,9 +25,10 @@ class AdaLayerNorm(nn.Module):
 
 
 class AudioInjector(nn.Module):
-    """Keys `audio_injector.injector.{i}` and `.injector_adain_layers.{i}`, i = position in audio_inject_layers."""
+    """Keys `audio_injector.injector.{i}` and `.injector_adain_layers.{i}`, i = position in audio_inject_layers.
+    `cfg` is any DiT config with `audio_inject_layers` and `audio_norm_eps` (S2VConfig, DrivenDiTConfig)."""
 
-    def __init__(self, cfg: S2VConfig) -> None:
+    def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.position = {layer: i for i, layer in enumerate(cfg.audio_inject_layers)}
         self.injector = nn.ModuleList(Attention(cfg) for _ in cfg.audio_inject_layers)

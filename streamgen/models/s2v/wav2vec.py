@@ -19,8 +19,6 @@ transformers (the `[avatar]` extra) is imported only when a model or the process
 from __future__ import annotations
 
 import json
-import math
-import wave
 from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SAMPLE_RATE = 16000  # wav2vec2's input rate; the reference loads every file with librosa at sr=16000
+from ...audio import SAMPLE_RATE, load_audio, read_wav, resample  # noqa: F401  (16 kHz: wav2vec2's input rate; re-exported)
 WAV2VEC_RATE = 50  # hidden-state rate: hop 320 samples (20 ms), receptive field 400 samples (25 ms)
 WAV2VEC_HOP, WAV2VEC_FIELD = 320, 400
 VIDEO_RATE = 30  # `AudioEncoder.video_rate`: the intermediate rate of the 50 → video-frame chain
@@ -38,75 +36,6 @@ FPS = 25  # LiveAvatar's video rate
 INFER_FRAMES = 48  # frames per clip of the reference pipeline (`--infer_frames`)
 MODEL_ID = "wav2vec2-large-xlsr-53-english"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-# ----------------------------------------------------------------------------------------------- audio input
-
-
-def resample(samples, orig_sr: int, new_sr: int = SAMPLE_RATE, *, zero_crossings: int = 32,
-             rolloff: float = 0.945, beta: float = 14.0) -> Tensor:
-    """Band-limited polyphase resampling along the last axis (Kaiser-windowed sinc, float64 inside).
-
-    Output length `ceil(N · new_sr / orig_sr)`, the length librosa gives. The reference resamples with librosa's
-    default (soxr 'HQ'); this filter is a different design with the same purpose, so results agree to the
-    filters' passband ripple, not bit for bit. `rolloff` is the cutoff as a fraction of the lower Nyquist."""
-    x = torch.as_tensor(np.asarray(samples) if not isinstance(samples, Tensor) else samples)
-    if orig_sr <= 0 or new_sr <= 0:
-        raise ValueError(f"sample rates must be positive, got {orig_sr} → {new_sr}")
-    if orig_sr == new_sr:
-        return x.to(torch.float32).clone()
-    g = math.gcd(orig_sr, new_sr)
-    up, down = new_sr // g, orig_sr // g
-    shape, n = x.shape[:-1], x.shape[-1]
-    x64 = x.reshape(-1, n).to(torch.float64)
-    fc = min(1.0, up / down) * rolloff  # cutoff in cycles per input sample × 2 (1.0 = input Nyquist)
-    half = zero_crossings / fc  # filter half-width in input samples
-    w = math.ceil(half)
-    # Output q·up + j sits at input time q·down + j·down/up; it reads input samples q·down + i, i ∈ [−w, down+w).
-    t = (torch.arange(up, dtype=torch.float64)[:, None] * down / up
-         - torch.arange(-w, down + w, dtype=torch.float64)[None, :])
-    inside = t.abs() <= half
-    window = torch.special.i0(beta * torch.sqrt((1 - (t / half) ** 2).clamp(min=0))) / torch.special.i0(
-        torch.tensor(beta, dtype=torch.float64))
-    kernel = torch.where(inside, fc * torch.sinc(fc * t) * window, torch.zeros_like(t))
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # unit DC gain for every phase
-    n_out = math.ceil(n * up / down)
-    q = math.ceil(n_out / up)
-    right = max(0, (q - 1) * down + kernel.shape[1] - w - n)
-    padded = F.pad(x64, (w, right))
-    out = F.conv1d(padded[:, None], kernel[:, None], stride=down)[..., :q]  # [B, up, q]
-    return out.transpose(1, 2).reshape(x64.shape[0], -1)[:, :n_out].reshape(*shape, n_out).to(torch.float32)
-
-
-def read_wav(path: str | Path) -> tuple[Tensor, int]:
-    """An integer-PCM WAV file as float32 `[channels, N]` in [−1, 1) and its sample rate."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file {path} does not exist")
-    try:
-        with wave.open(str(path), "rb") as f:
-            channels, width, rate, n = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
-            raw = f.readframes(n)
-    except wave.Error as e:
-        raise ValueError(f"{path}: not an integer-PCM WAV file ({e}); convert it to 16-bit PCM WAV") from e
-    if width == 1:
-        data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
-    elif width in (2, 4):
-        data = np.frombuffer(raw, f"<i{width}").astype(np.float32) / float(2 ** (8 * width - 1))
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        data = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
-    else:
-        raise ValueError(f"{path}: unsupported sample width {width} bytes")
-    return torch.from_numpy(data.reshape(-1, channels).T.copy()), rate
-
-
-def load_audio(path: str | Path) -> Tensor:
-    """A WAV file as the reference loads it (`librosa.load(path, sr=16000)`): channels averaged to mono, then
-    resampled to 16 kHz. Returns float32 `[N]`."""
-    data, rate = read_wav(path)
-    return resample(data.mean(dim=0), rate, SAMPLE_RATE)
 
 
 def check_audio(samples, sample_rate: int = SAMPLE_RATE) -> Tensor:
