@@ -79,3 +79,16 @@ def load_audio(path: str | Path) -> Tensor:
     resampled to 16 kHz. Returns float32 `[N]`."""
     data, rate = read_wav(path)
     return resample(data.mean(dim=0), rate, SAMPLE_RATE)
+
+
+def write_wav(path: str | Path, samples, rate: int) -> Path:
+    """Mono 16-bit PCM WAV: int16 samples as they are, float samples in [−1, 1] scaled (and clipped)."""
+    x = np.asarray(samples)
+    pcm = x.astype("<i2") if x.dtype == np.int16 else (np.clip(x.astype(np.float64), -1.0, 1.0) * 32767).astype("<i2")
+    path = Path(path)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+    return path

@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          display_size=args.display_size, codec=args.codec, bitrate=args.bitrate, grace_s=args.grace,
                          threads=args.threads, backend=args.backend, scheduler=args.scheduler,
                          recordings_dir=args.recordings_dir, offer_rate=args.offer_rate,
-                         allowed_origins=tuple(args.allow_origin), ray=ray_settings(args) if args.backend == "ray" else {}, **serve_jobs_settings(args),
+                         allowed_origins=tuple(args.allow_origin), publish_allow=tuple(args.publish_allow), ray=ray_settings(args) if args.backend == "ray" else {}, **serve_jobs_settings(args),
                          **{k: v for k, v in given.items() if v is not None})
     try:
         asyncio.run(serve_forever(config))
@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.jobs import add_jobs_bench_parser
 
     add_jobs_bench_parser(bench_sub)
+    from .bench.avatar import add_avatar_bench_parser
+
+    add_avatar_bench_parser(bench_sub)
     add_models_parser(sub)
     from .render.cli import add_render_parser
 
@@ -219,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--codec", choices=["vp8", "h264"], default="vp8", help="preferred video codec")
     serve.add_argument("--bitrate", type=int, help="video bits/s (default from size and fps)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds a dropped session waits for a reconnect")
+    serve.add_argument("--publish-allow", action="append", default=[], metavar="HOST[:PORT]",
+                       help="an RTMP host POST /sessions/ID/publish may push to (repeatable; none: publishing is off)")
     serve.add_argument("--recordings-dir", type=Path, default=user_data_dir("recordings"), metavar="DIR",
                        help="where POST /sessions/ID/recording writes (default %(default)s)")
     serve.add_argument("--threads", type=int, help="torch threads (default: the cores idle at start for the engine loop; "

@@ -3,6 +3,10 @@ guard against tracebacks in the log."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,13 +48,31 @@ def tiny_bundle() -> ModelBundle:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(one_thread):
-    """A real local Ray cluster for one test module (ecosystem.md §2: capped object store, no dashboard)."""
+def ray_cluster(one_thread, tmp_path_factory):
+    """A real local Ray cluster for one test module (ecosystem.md §2: capped object store, no dashboard).
+
+    The head is started by `ray start` in a process of its own and this one joins it: `ray.init()` starting
+    the head here would fork this many-threaded test process with a Python `preexec_fn` (Ray's), which can
+    deadlock in the child when another thread holds a lock at the fork (seen in a full run)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
+    port = _free_port()
+    command = [sys.executable, "-m", "ray.scripts.scripts"]
+    subprocess.run([*command, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    f"--object-store-memory={256 * 1024**2}", "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=180, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        yield
+    finally:
+        ray.shutdown()
+        subprocess.run([*command, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,6 @@ on the decoded frames, and the refusals (exit 2, nothing written)."""
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +20,15 @@ from streamgen.avatar_world import (
     score_clip,
 )
 from streamgen.cli import main
-from streamgen.images import encode_png, read_image
-from streamgen.images import DEFAULT_REFERENCE, default_reference
+from streamgen.images import (
+    DEFAULT_REFERENCE,
+    default_reference,
+    encode_png,
+    read_image,
+)
 from streamgen.render.writer import VideoWriter, load_latents
+
+from .speech import espeak, write_wav
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,28 +39,6 @@ PHRASES = ("Hello there, this is the avatar speaking.", "And after a pause, a se
 
 
 # --- inputs ----------------------------------------------------------------------------------------
-def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
-    """int16 mono WAV (the `wave` module: what espeak-ng writes, and what `load_audio` reads)."""
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(np.asarray(samples, np.int16).tobytes())
-    return path
-
-
-def espeak(text: str, folder: Path) -> tuple[np.ndarray, int]:
-    """One phrase spoken by espeak-ng (22,050 Hz mono int16)."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): no speech to render")
-    path = folder / "phrase.wav"
-    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
-    with wave.open(str(path), "rb") as f:
-        rate, data = f.getframerate(), np.frombuffer(f.readframes(f.getnframes()), np.int16)
-    path.unlink()
-    return data, rate
-
-
 def speech_wav(folder: Path) -> Path:
     """Speech with silence around and between the phrases: the mouth must close in the gaps."""
     parts, rate = [], 22050

@@ -151,10 +151,12 @@ class Page:
 
 
 class Chromium:
-    """Headless Debian Chromium with a fresh profile, its DevTools port read from DevToolsActivePort."""
+    """Headless Debian Chromium with a fresh profile, its DevTools port read from DevToolsActivePort;
+    `flags` are added to FLAGS (e.g. a fake microphone)."""
 
-    def __init__(self, profile: Path) -> None:
+    def __init__(self, profile: Path, flags: tuple[str, ...] = ()) -> None:
         self.profile = profile
+        self.flags = flags
         self.proc: asyncio.subprocess.Process | None = None
         self.base = ""
         self.http: aiohttp.ClientSession | None = None
@@ -164,7 +166,7 @@ class Chromium:
     async def start(self, timeout: float = 20.0) -> Chromium:
         self.profile.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
-            str(CHROMIUM), *FLAGS, f"--user-data-dir={self.profile}", "about:blank",
+            str(CHROMIUM), *FLAGS, *self.flags, f"--user-data-dir={self.profile}", "about:blank",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             start_new_session=True)  # its own process group: its helper processes end with it
         self._drain = asyncio.ensure_future(self._keep_stderr_tail())
@@ -207,15 +209,15 @@ class Chromium:
 
 # --- the shared server and browser ------------------------------------------------------------------
 class Env:
-    """A server (tiny-random, local backend unless `config` says otherwise) and a browser on an event loop
-    in a background thread; `run` executes a coroutine there."""
+    """A server (tiny-random, local backend unless `config` says otherwise) and a browser (with `flags`) on an
+    event loop in a background thread; `run` executes a coroutine there."""
 
-    def __init__(self, tmp: Path, config: ServeConfig | None = None) -> None:
+    def __init__(self, tmp: Path, config: ServeConfig | None = None, flags: tuple[str, ...] = ()) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="browser-test-loop", daemon=True)
         self.thread.start()
         self.server = Server(config or ServeConfig(port=0, grace_s=5.0, model="tiny-random"))
-        self.browser = Chromium(tmp / "profile")
+        self.browser = Chromium(tmp / "profile", flags)
         self.run(self.server.start(), 180)  # a Ray backend starts its actors first
         try:
             self.run(self.browser.start())

@@ -36,7 +36,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
     s = doc["summary"]
     lines = [f"# embedded-avatar eval ({s['runs']} streams × {doc['settings']['frames']} frames, seed "
              f"{doc['settings']['seed']})", "",
-             "| lip-sync r | lag median | \|lag\| ≤ 1 | mouth in speech | mouth in silence | identity | colour | "
+             r"| lip-sync r | lag median | \|lag\| ≤ 1 | mouth in speech | mouth in silence | identity | colour | "
              "shape | eyes | jitter | frames/s |", "|---|---|---|---|---|---|---|---|---|---|---|",
              f"| {s['lipsync_corr']:.2f} | {s['lag_frames_median']:+.0f} | {s['lag_within_1']:.0%} | {s['mouth_speech']:.2f} | "
              f"{s['mouth_silence']:.2f} | {s['identity']:.0%} | {s['colour_match']:.0%} | {s['shape_match']:.0%} | "

@@ -1,6 +1,7 @@
 """HTTP routes of render jobs, added to `streamgen serve`'s app (same auth middleware, same JSON errors).
 
-    POST   /jobs                 JSON spec (+ optional client "id") → 202 {id, state, links}; 200 when that id
+    POST   /jobs                 JSON spec (+ optional client "id", "webhook" URL under the server's --webhook-allow
+                                 prefixes: told of state changes) → 202 {id, state, links}; 200 when that id
                                  already holds this spec; 409 another spec; 422 {error, field}; 429 {error, limit}
     GET    /jobs?state=&limit=   newest first
     GET    /jobs/{id}            state, frames done/total, frames/s, ETA, error

@@ -36,11 +36,15 @@ def add_serve_jobs_arguments(serve: argparse.ArgumentParser) -> None:
                    help="render jobs running at once on this server (default %(default)s)")
     g.add_argument("--jobs-max-queued", type=int, default=100, metavar="N",
                    help="more queued jobs are refused with HTTP 429 (default %(default)s)")
+    g.add_argument("--webhook-allow", action="append", default=[], metavar="URL_PREFIX",
+                   help="a job's `webhook` must lie under one of these prefixes (repeatable; same scheme, host, "
+                        "port, and a path under the prefix's); none: webhooks are refused")
 
 
 def serve_jobs_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The `ServeConfig` fields of `add_serve_jobs_arguments`."""
-    return {"jobs_dir": args.jobs_dir, "jobs_concurrency": args.jobs_concurrency, "jobs_max_queued": args.jobs_max_queued}
+    return {"jobs_dir": args.jobs_dir, "jobs_concurrency": args.jobs_concurrency, "jobs_max_queued": args.jobs_max_queued,
+            "jobs_webhook_allow": tuple(args.webhook_allow)}
 
 
 class ServerError(Exception):
@@ -108,7 +112,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         body["timeline"] = [e.to_dict() for e in load_timeline(args.timeline)]
     settings = {"prompt": args.prompt, "id": args.id, "seed": args.seed, "schedule": args.schedule,
                 "policy": args.policy, "fps": args.fps, "size": args.size, "crf": args.crf, "preset": args.preset,
-                "priority": args.priority, "model": args.model}
+                "priority": args.priority, "model": args.model, "webhook": args.webhook}
     body.update({k: v for k, v in settings.items() if v is not None})
     if args.policy_setting:
         import yaml
@@ -191,6 +195,8 @@ def add_jobs_parser(subparsers) -> argparse.ArgumentParser:
     submit.add_argument("--id", help="your id for the job: submitting the same id and spec again is the same job")
     submit.add_argument("--priority", type=int, help="higher runs first (default 0)")
     submit.add_argument("--model", help="refused unless it is the server's model")
+    submit.add_argument("--webhook", metavar="URL", help="POSTed the job's state changes (the server must allow the URL "
+                                                         "with --webhook-allow)")
     submit.add_argument("--seed", type=int)
     submit.add_argument("--schedule", choices=("exact", "timestep-slot"))
     submit.add_argument("--policy")

@@ -16,6 +16,7 @@ from ..render.job import frame_count
 from . import runner
 from .spec import JobSpec
 from .store import Conflict, Job, JobStore
+from .webhooks import WebhookPolicy, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class SchedulerConfig:
     concurrency: int = 1  # jobs running at once on this node
     max_queued: int = 100
     checkpoint_every: int = 4  # chunks
+    webhook_allow: tuple[str, ...] = ()  # URL prefixes a job's webhook may lie under (none: webhooks refused)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.max_queued < 1 or self.checkpoint_every < 1:
@@ -52,11 +54,17 @@ class JobScheduler:
         self._cancels: dict[str, threading.Event] = {}  # running here → its cancel flag
         self._preempts: dict[str, tuple[threading.Event, threading.Event]] = {}  # running here → (asked, released)
         self._threads: list[threading.Thread] = []
+        self.webhooks = WebhookPolicy(self.config.webhook_allow)
+        self._sender = WebhookSender(store) if self.webhooks.allow else None
+        if self._sender is not None:
+            store.listeners.append(self._sender.notify)
 
     # --- API side ----------------------------------------------------------------------------------
     def submit(self, spec: JobSpec, job_id: str | None = None) -> tuple[Job, bool]:
         """(job, created); SpecError for what the model refuses, Conflict for a reused id, QueueFull."""
         runner.render_job(spec, self.backend.bundle)
+        if spec.webhook is not None:
+            self.webhooks.check(spec.webhook)
         existing = self.store.get(job_id) if job_id else None
         if existing is None and self.store.count("queued") >= self.config.max_queued:
             raise QueueFull(self.config.max_queued)
@@ -102,6 +110,8 @@ class JobScheduler:
         for t in self._threads:
             t.join(timeout)
         self._threads.clear()
+        if self._sender is not None:
+            self._sender.close()
 
     def _claim(self) -> tuple[Job, threading.Event] | None:
         """The next job to run, now `running`, with its cancel flag (registered under the same lock

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from urllib.parse import unquote, urlsplit
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +20,8 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SCHEDULES = ("exact", "timestep-slot")
 MAX_SECONDS = 3600.0
 FIELDS = ("id", "prompt", "timeline", "seconds", "model", "seed", "schedule", "policy", "policy_settings", "fps",
-          "size", "crf", "preset", "priority")
+          "size", "crf", "preset", "priority", "webhook")
+MAX_URL = 2048
 
 
 class SpecError(ValueError):
@@ -46,6 +48,7 @@ class JobSpec:
     crf: int = 18
     preset: str = "medium"
     priority: int = 0
+    webhook: str | None = None  # told of state changes (jobs/webhooks.py), if the server allows the URL
 
     def canonical(self) -> str:
         """Stable JSON of everything that fixes the output (priority included: another priority is another request)."""
@@ -77,6 +80,24 @@ def _string(body: dict[str, Any], key: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise SpecError(key, f"expected a non-empty string, got {value!r}")
     return value
+
+
+def check_url(url: Any) -> str:
+    """A webhook URL's own shape (http/https, a host, no credentials); SpecError naming `webhook`."""
+    if not isinstance(url, str) or not url or len(url) > MAX_URL:
+        raise SpecError("webhook", f"expected an http(s) URL of at most {MAX_URL} characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError as exc:
+        raise SpecError("webhook", f"not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SpecError("webhook", "expected an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise SpecError("webhook", "credentials in the URL are not accepted")
+    if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
+        raise SpecError("webhook", "'.' and '..' path segments are not accepted")
+    return url
 
 
 def parse_spec(body: Any) -> tuple[str | None, JobSpec]:
@@ -127,5 +148,6 @@ def parse_spec(body: Any) -> tuple[str | None, JobSpec]:
                    seed=_number(body, "seed", int, 0, 2**53), schedule=schedule, policy=_string(body, "policy"),
                    policy_settings=dict(settings), fps=_number(body, "fps", float, 1e-3, 1000.0),
                    size=None if size is None else str(size), crf=18 if crf is None else crf, preset=preset,
-                   priority=_number(body, "priority", int, -1000, 1000) or 0)
+                   priority=_number(body, "priority", int, -1000, 1000) or 0,
+                   webhook=None if body.get("webhook") is None else check_url(body["webhook"]))
     return job_id, spec

@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self.listeners: list[Callable[[Job], None]] = []  # told of every state change, after it is committed
 
     def close(self) -> None:
         with self._lock:
@@ -173,6 +175,8 @@ class JobStore:
             self._event(job_id, "state", {"state": state, **({"error": error} if error else {}), **data}, now)
         job = self.get(job_id)
         assert job is not None
+        for listener in self.listeners:
+            listener(job)
         return job
 
     def request_cancel(self, job_id: str) -> Job:

@@ -1,5 +1,5 @@
-"""HTTP routes: signaling (`POST /offer`, WHEP in `whep.py`, WHIP in `whip.py`), sessions, the model, health, metrics, ICE
-servers, the web client.
+"""HTTP routes: signaling (`POST /offer`, WHEP in `whep.py`, WHIP in `whip.py`), sessions, an avatar session's audio
+WebSocket (`audio_push.py`), the model, health, metrics, ICE servers, the web client.
 
 Every failure is a JSON `{"error": "<one line>"}` with a fitting status; nothing a client sends can
 take the server down (unexpected exceptions become a 500 for that request only).
@@ -14,14 +14,28 @@ from pydantic import ValidationError
 from ..backends import Backend
 from ..engine.prompts import describe_prompt, prompt_vocabulary
 from ..errors import InputError
-from .appstate import BACKEND, CONFIG, MANAGER, MAX_BODY_BYTES, METRICS, OFFER_LIMITER, error, open_session
+from ..images import DEFAULT_REFERENCE
+from .appstate import (
+    BACKEND,
+    CONFIG,
+    MANAGER,
+    MAX_AVATAR_OFFER_BYTES,
+    MAX_BODY_BYTES,
+    METRICS,
+    OFFER_LIMITER,
+    error,
+    open_session,
+)
+from .audio_push import add_audio_routes
+from .avatar import audio_problem
 from .config import ServeConfig
 from .errors import describe
 from .ice import check_offer, ice_servers
 from .limits import AddressRateLimiter, Handler, bearer_auth, origin_check
 from .manager import SessionManager
 from .metrics import Metrics
-from .protocol import Offer, RecordingRequest, load_json
+from .protocol import Offer, PublishRequest, RecordingRequest, load_json
+from .publish import PublishPolicy, PublishRefused
 from .whep import add_whep_routes
 from .whip import add_whip_routes
 
@@ -55,8 +69,11 @@ async def post_offer(request: web.Request) -> web.Response:
 async def _offer(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         return error(415, f"POST /offer takes Content-Type: application/json, not {request.content_type or 'none'}")
+    limit = MAX_AVATAR_OFFER_BYTES if request.app[BACKEND].bundle.avatar is not None else MAX_BODY_BYTES
     try:
-        body = load_json(await request.read(), "body", MAX_BODY_BYTES)
+        body = load_json(await request.clone(client_max_size=limit).read(), "body", limit)
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"request body too large (limit {limit} bytes)")
     except InputError as exc:
         return error(400, str(exc))
     if not isinstance(body, dict):
@@ -65,7 +82,7 @@ async def _offer(request: web.Request) -> web.Response:
         offer = Offer.model_validate(body)
     except ValidationError as exc:
         return error(422, describe(exc, Offer))
-    if (reason := check_offer(offer.sdp)) is not None:
+    if (reason := check_offer(offer.sdp) or audio_problem(request.app[BACKEND].bundle, offer.sdp)) is not None:
         return error(400, reason)
     opened = await open_session(request, offer)
     if isinstance(opened, web.Response):
@@ -108,6 +125,34 @@ async def post_recording(request: web.Request) -> web.Response:
     return web.json_response({**recording.describe(), "url": f"/sessions/{session.id}/recording"})
 
 
+async def post_publish(request: web.Request) -> web.Response:
+    """Start or stop pushing what the session's viewer is sent to an allowed RTMP URL (see `publish.py`)."""
+    session = request.app[MANAGER].get(request.match_info["sid"])
+    if session is None:
+        return error(404, f"no session {request.match_info['sid']!r}")
+    try:
+        body = PublishRequest.model_validate(load_json(await request.read(), "body", MAX_BODY_BYTES))
+    except InputError as exc:
+        return error(400, str(exc))
+    except ValidationError as exc:
+        return error(422, describe(exc, PublishRequest))
+    if body.action == "stop":
+        if (publication := session.stop_publishing()) is None:
+            return error(409, f"session {session.id} is not publishing")
+        return web.json_response(publication.describe())
+    try:
+        url = PublishPolicy(request.app[CONFIG].publish_allow).check(body.url)
+    except PublishRefused as exc:
+        return error(403, str(exc))
+    except InputError as exc:
+        return error(400, str(exc))
+    try:
+        publication = session.start_publishing(url)
+    except InputError as exc:
+        return error(409, str(exc))
+    return web.json_response(publication.describe())
+
+
 async def get_recording(request: web.Request) -> web.StreamResponse:
     """The session's latest recording as written so far (a playable file at every moment)."""
     session = request.app[MANAGER].get(request.match_info["sid"])
@@ -125,8 +170,11 @@ async def get_model(request: web.Request) -> web.Response:
     """What the page tells the user about the model: its name, rate and, for a closed-vocabulary model
     (the embedded one), the words it knows — every other word of a prompt is ignored."""
     bundle = request.app[BACKEND].bundle
+    avatar = None if bundle.avatar is None else {"sample_rate": bundle.avatar.sample_rate,
+                                                 "samples_per_frame": bundle.avatar.samples_per_frame,
+                                                 "default_reference": f"default: {DEFAULT_REFERENCE}"}
     return web.json_response({"name": bundle.name, "description": bundle.description, "fps": bundle.fps,
-                              "vocabulary": prompt_vocabulary(bundle.text_encoder)})
+                              "vocabulary": prompt_vocabulary(bundle.text_encoder), "avatar": avatar})
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -194,12 +242,14 @@ def create_app(config: ServeConfig, backend: Backend, manager: SessionManager, m
     app.router.add_delete("/sessions/{sid}", delete_session)
     app.router.add_post("/sessions/{sid}/recording", post_recording)
     app.router.add_get("/sessions/{sid}/recording", get_recording)
+    app.router.add_post("/sessions/{sid}/publish", post_publish)
     app.router.add_get("/model", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ice-servers", get_ice_servers)
     add_whep_routes(app)
     add_whip_routes(app)
+    add_audio_routes(app)
     app.router.add_get("/", index)
     app.router.add_get("/static/{path:.+}", static)
     return app

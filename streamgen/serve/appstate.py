@@ -15,6 +15,7 @@ from .protocol import Offer
 from .session import Session
 
 MAX_BODY_BYTES = 256 * 1024
+MAX_AVATAR_OFFER_BYTES = 6 * 1024 * 1024  # an avatar model's offer carries its reference picture (≤ 4 MB, base64)
 MANAGER = web.AppKey("manager", SessionManager)
 CONFIG = web.AppKey("config", ServeConfig)
 METRICS = web.AppKey("metrics", Metrics)

@@ -41,10 +41,12 @@ class ServeConfig:
     scheduler: str = "engine"  # local backend: one batched engine loop for all sessions, or "threads" (one per session)
     ray: dict[str, Any] = field(default_factory=dict)  # make_backend keywords for the ray backend
     web_root: Path = WEB_ROOT
+    publish_allow: tuple[str, ...] = ()  # RTMP hosts sessions may be published to (`/sessions/{id}/publish`)
     recordings_dir: Path | None = None  # session recordings (`/sessions/{id}/recording`); None: recording is off
     jobs_dir: Path | None = None  # render jobs (`/jobs`): their SQLite store and outputs; None: no jobs API
     jobs_concurrency: int = 1  # render jobs running at once
     jobs_max_queued: int = 100
+    jobs_webhook_allow: tuple[str, ...] = ()  # URL prefixes job webhooks may use (jobs/webhooks.py)
 
     def __post_init__(self) -> None:
         if not self.offer_rate > 0 or self.offer_burst < 1:

@@ -20,10 +20,20 @@ MARGIN = 1.5  # start the next chunk when queued frames cover 1.5× its expected
 
 
 @dataclass(frozen=True)
+class FrameAudio:
+    """The audio of one frame of an audio-driven stream: played beside it, and what says when it was heard."""
+
+    samples: np.ndarray  # float32 [samples_per_frame] at the model's rate: what drove the frame (silence if late)
+    end: int  # position in the session's pushed audio just after this frame's real samples
+    heard: float | None  # time.monotonic() its last real sample arrived; None: the frame was driven by silence
+
+
+@dataclass(frozen=True)
 class Frame:
     index: int  # video frame index in the stream (the unit acks use)
     image: np.ndarray  # uint8 [H, W, 3], already at display size
     born: float  # time.monotonic() when its chunk started generating (frame age = latency)
+    sound: FrameAudio | None = None  # an avatar session's frame: the audio that drove it
 
 
 class Pacer:

@@ -47,15 +47,31 @@ def check_exposure(host: str, token: str | None) -> None:
                          "or bind 127.0.0.1")
 
 
+WS_TOKEN_PREFIX = "bearer."  # a browser's WebSocket cannot set headers: it offers the subprotocol "bearer.<token>"
+
+
+def given_token(request: web.Request) -> str | None:
+    """The bearer token a request carries: `Authorization: Bearer <token>`, or — for a WebSocket upgrade,
+    whose browser API cannot set headers — a `Sec-WebSocket-Protocol` entry `bearer.<token>` (never the URL,
+    which access logs keep)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return given.strip()
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        return next((p[len(WS_TOKEN_PREFIX):] for p in offered if p.startswith(WS_TOKEN_PREFIX)), None)
+    return None
+
+
 def bearer_auth(token: str | None):
-    """Middleware refusing API calls without `Authorization: Bearer <token>` (when a token is set)."""
+    """Middleware refusing API calls without the bearer token (when one is set; see `given_token`)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token is None or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES):
             return await handler(request)
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        given = given_token(request)
+        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
             return web.json_response({"error": "missing or wrong bearer token (send 'Authorization: Bearer <token>')"},
                                      status=401, headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
@@ -98,17 +114,24 @@ def origin_check(allowed: Iterable[str]):
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if origin is None or request.method in SAFE_METHODS:
+        if request.method in SAFE_METHODS or (refusal := cross_site(request, allowed)) is None:
             return await handler(request)
-        origin = origin.rstrip("/").lower()
-        parts = urlsplit(origin)
-        if parts.netloc != request.host.lower() and origin not in allowed:
-            return web.json_response({"error": f"cross-site request from {origin!r} refused: the page must come from "
-                                               "this server, or start it with --allow-origin ORIGIN"}, status=403)
-        return await handler(request)
+        return web.json_response({"error": refusal}, status=403)
 
     return middleware
+
+
+def cross_site(request: web.Request, allowed: Iterable[str]) -> str | None:
+    """Why a request a browser sent from another site is refused (None: no `Origin`, this server's own, or
+    one in `allowed`). Also for WebSocket upgrades, which are GETs that change state."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    origin = origin.rstrip("/").lower()
+    if urlsplit(origin).netloc == request.host.lower() or origin in {o.rstrip("/").lower() for o in allowed}:
+        return None
+    return (f"cross-site request from {origin!r} refused: the page must come from this server, or start it with "
+            "--allow-origin ORIGIN")
 
 
 class AddressRateLimiter:

@@ -19,6 +19,7 @@ from aiortc import RTCSessionDescription
 from ..backends import Backend, CapacityError
 from ..engine.frame_stream import FrameStream
 from ..engine.prompts import Transition
+from .avatar import SessionAvatar, open_avatar_stream, reference_problem
 from .config import ServeConfig
 from .ingest import SessionVideo, open_video_stream, video_problem
 from .metrics import Metrics
@@ -60,6 +61,8 @@ class SessionManager:
         """Answer an offer: a new session, or the one named by `session_id` (resume)."""
         if offer.session_id is not None:
             return await self._resume(offer, client_ip)
+        if (problem := reference_problem(self.backend.bundle, offer.reference, offer.video is not None)) is not None:
+            raise Refused(400, problem)
         if offer.video is not None and (problem := video_problem(offer.sdp)) is not None:
             raise Refused(400, problem)
         mine = sum(1 for s in self.sessions.values() if s.client_ip == client_ip) + self._admitting[client_ip]
@@ -72,13 +75,13 @@ class SessionManager:
             loop = asyncio.get_running_loop()
             try:
                 # CapacityError, InputError
-                stream, video = await loop.run_in_executor(self._admission, self._open, prompt, offer)
+                stream, video, avatar = await loop.run_in_executor(self._admission, self._open, prompt, offer)
             except CapacityError:
                 if self.preempt is None or not await loop.run_in_executor(self._admission, self.preempt):
                     raise
-                stream, video = await loop.run_in_executor(self._admission, self._open, prompt, offer)
+                stream, video, avatar = await loop.run_in_executor(self._admission, self._open, prompt, offer)
             session = Session(secrets.token_urlsafe(12), stream, self.backend, self.config, self.metrics, client_ip,
-                              self._forget, self._controls, video)
+                              self._forget, self._controls, video, avatar)
             self.sessions[session.id] = session
         finally:
             self._admitting[client_ip] -= 1
@@ -93,11 +96,16 @@ class SessionManager:
         self.metrics.inc("streamgen_sessions_opened_total")
         return session, answer
 
-    def _open(self, prompt: str, offer: Offer) -> tuple[FrameStream, SessionVideo | None]:
-        """A new stream for the offer (blocking): text-to-video, or video-to-video when it asks for `video`."""
+    def _open(self, prompt: str, offer: Offer) -> tuple[FrameStream, SessionVideo | None, SessionAvatar | None]:
+        """A new stream for the offer (blocking): audio-driven for an avatar model, video-to-video when the
+        offer asks for `video`, else text-to-video."""
+        overrides = _overrides(offer.params)
+        if self.backend.bundle.avatar is not None:
+            stream, avatar = open_avatar_stream(self.backend, prompt, overrides, offer.reference)
+            return stream, None, avatar
         if offer.video is None:
-            return self.backend.open(prompt, _overrides(offer.params)), None
-        return open_video_stream(self.backend, prompt, _overrides(offer.params), offer.video.strength)
+            return self.backend.open(prompt, overrides), None, None
+        return *open_video_stream(self.backend, prompt, overrides, offer.video.strength), None
 
     async def _resume(self, offer: Offer, client_ip: str) -> tuple[Session, RTCSessionDescription]:
         session = self.sessions.get(offer.session_id or "")
@@ -106,6 +114,9 @@ class SessionManager:
                                "passed; send the offer without session_id to start a new one")
         if not hmac.compare_digest((offer.resume_token or "").encode(), session.resume_token.encode()):
             raise Refused(403, f"resuming session {session.id} needs the resume_token its first answer gave")
+        if offer.reference is not None:
+            raise Refused(409, f"session {session.id} keeps the reference picture it started with; send the offer "
+                               "without session_id to start a session with another one")
         if offer.video is not None and session.video is None:
             raise Refused(409, f"session {session.id} was opened without video input, which is chosen when a session "
                                "starts; send the offer without session_id to start a video-to-video session")

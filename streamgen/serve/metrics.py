@@ -24,6 +24,7 @@ COUNTERS = {
     "streamgen_offers_total": "POST /offer answers, by HTTP status.",
     "streamgen_whep_offers_total": "POST /whep answers, by HTTP status.",
     "streamgen_whip_offers_total": "POST /whip answers, by HTTP status.",
+    "streamgen_audio_messages_total": "Messages on avatar sessions' audio WebSockets, by result.",
 }
 HISTOGRAMS = {
     "streamgen_chunk_latency_seconds": ("Time to generate and decode one chunk.",

@@ -1,5 +1,8 @@
 """One WebRTC connection serving a session: the paced video track out, the `control` channel both ways,
-and, for a video-to-video session, the client's camera in (on the same, sendrecv, video section).
+and, for a video-to-video session, the client's camera in (on the same, sendrecv, video section). For an
+avatar session the offer's (first) audio section carries the audio that drove the video back, on the
+video's media clock (`audio_track.py`), and, when the client sends on it (sendrecv), its microphone in as the
+session's audio (`audio_in.py`).
 
 Transport only: losing it (connection failed/closed, control channel closed) hands the session back
 to its grace period; the session's stream is untouched.
@@ -10,11 +13,18 @@ import asyncio
 import contextlib
 import logging
 
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCDataChannel,
+    RTCPeerConnection,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
 from aiortc.rtcsctptransport import WEBRTC_STRING, RTCSctpTransport
+from aiortc.sdp import SessionDescription
 from pydantic import BaseModel
 
-from . import ice, ingest
+from . import audio_in, ice, ingest
+from .audio_track import MediaClock, PacedAudioTrack
 from .config import ServeConfig
 from .control import ControlHandler
 from .encoder import VideoEncoder
@@ -68,21 +78,42 @@ class Peer:
         # claims the offer's video section
         transceiver = self.pc.addTransceiver("video", direction="sendrecv" if video_in else "sendonly")
         transceiver.setCodecPreferences(ice.codec_preferences(self.config.codec))
+        audio = self._claim_audio(offer_sdp)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         for other in self.pc.getTransceivers():
-            if other is not transceiver:
-                other.direction = "inactive"  # audio, extra video: not taken (and not decoded)
+            if other not in (transceiver, audio):
+                other.direction = "inactive"  # audio of other models, extra sections: not taken (and not decoded)
         if self.pc.sctp is not None:
             keep_invalid_text(self.pc.sctp)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self.codec = ice.negotiated_codec(self.pc.localDescription.sdp)
         encoder = VideoEncoder(self.codec, self.session.fps, self.config.bitrate, self.config.keyframe_interval_s)
-        transceiver.sender.replaceTrack(PacedVideoTrack(self.session, encoder, self.session.fps))
         self._tasks = [asyncio.ensure_future(self._read_loop()), asyncio.ensure_future(self._stats_loop())]
+        clock = self._start_audio(audio) if audio is not None else None
+        transceiver.sender.replaceTrack(PacedVideoTrack(self.session, encoder, self.session.fps, clock))
         camera = transceiver.receiver.track if video_in and transceiver.currentDirection == "sendrecv" else None
         if camera is not None:  # the client sends video on the section we answered sendrecv: the session's input
             self._tasks.append(asyncio.ensure_future(ingest.receive(camera, self.session.video, self.session.id)))
         return self.pc.localDescription
+
+    def _claim_audio(self, offer_sdp: str) -> RTCRtpTransceiver | None:
+        """An avatar session takes the offer's first audio section (before the offer is applied, as for video)."""
+        if self.session.avatar is None or all(m.kind != "audio" for m in SessionDescription.parse(offer_sdp).media):
+            return None
+        return self.pc.addTransceiver("audio", direction="sendrecv")
+
+    def _start_audio(self, audio: RTCRtpTransceiver) -> MediaClock | None:
+        """Once negotiated: the audio track out if the client receives it, the microphone in if it sends."""
+        avatar = self.session.avatar
+        assert avatar is not None
+        direction = audio.currentDirection or "inactive"
+        if direction in ("sendrecv", "recvonly"):
+            self._tasks.append(asyncio.ensure_future(audio_in.receive(audio.receiver.track, avatar, self.session.id)))
+        if direction not in ("sendrecv", "sendonly"):
+            return None
+        clock = MediaClock(avatar.audio.sample_rate, avatar.audio.samples_per_frame)
+        audio.sender.replaceTrack(PacedAudioTrack(clock, self.session))
+        return clock
 
     def send(self, message: BaseModel) -> None:
         text = message.model_dump_json(exclude_none=True)

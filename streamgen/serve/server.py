@@ -61,7 +61,8 @@ class Server:
         self.manager.start()
         app = create_app(config, self.backend, self.manager, self.metrics)
         if store is not None:  # running jobs left by a previous process resume from their checkpoints
-            self.jobs = JobScheduler(store, self.backend, SchedulerConfig(config.jobs_concurrency, config.jobs_max_queued))
+            self.jobs = JobScheduler(store, self.backend, SchedulerConfig(config.jobs_concurrency, config.jobs_max_queued,
+                                                                        webhook_allow=config.jobs_webhook_allow))
             self.jobs.start()
             self.manager.preempt = self.jobs.preempt
             add_job_routes(app, self.jobs)

@@ -30,9 +30,11 @@ from .encoder import DisplayScaler, VideoEncoder
 from .frames import Frame, FrameQueue, Pacer
 from .metrics import Metrics
 from .protocol import AckMessage, Error, Stall, Stats
+from .publish import Publication
 from .recording import Recording
 
 if TYPE_CHECKING:
+    from .avatar import SessionAvatar
     from .ingest import SessionVideo
     from .peer import Peer
 
@@ -42,9 +44,10 @@ log = logging.getLogger(__name__)
 class Session:
     def __init__(self, sid: str, stream: FrameStream, backend: Backend, config: ServeConfig, metrics: Metrics,
                  client_ip: str, on_closed: Callable[[Session], None], controls: Executor,
-                 video: SessionVideo | None = None) -> None:
+                 video: SessionVideo | None = None, avatar: SessionAvatar | None = None) -> None:
         """`controls` runs the blocking part of a control (encoding a prompt) off the event loop; `video`:
-        the input of a video-to-video session (its peers receive the client's camera into it)."""
+        the input of a video-to-video session (its peers receive the client's camera into it); `avatar`: the
+        audio of an audio-driven session (its frames carry the audio that drove them)."""
         self.id = sid
         self.resume_token = secrets.token_urlsafe(24)  # the id is public (URLs, logs); resuming needs this too
         self.stream = stream
@@ -70,8 +73,10 @@ class Session:
         self._stalls = 0  # backend recoveries this session went through
         self._window = (time.monotonic(), 0, 0.0)  # (start, new frames sent, sum of their ages)
         self.recording: Recording | None = None  # the latest; a new start begins a new file
+        self.publication: Publication | None = None  # the latest RTMP push
         self._recordings = 0
         self.video = video
+        self.avatar = avatar
         if video is not None:  # the first chunk waits for the camera's first frame, at most until connect timeout
             self._video_wait_until = self._created + config.connect_timeout_s
             video.frames.on_first = self._on_room
@@ -136,6 +141,14 @@ class Session:
         return AckMessage(of="resume", frame=following if following is not None else (self.last.index + 1 if self.last else 0),
                    id=msg_id)
 
+    def clear_audio(self) -> None:
+        """Interrupt an avatar session's speech: buffered audio and unshown frames are dropped, the next chunk
+        starts at once (from silence)."""
+        assert self.avatar is not None
+        if flushed := self.avatar.clear(self.queue):
+            self._count_dropped(flushed, "clear")
+        self._on_room()
+
     async def _queued(self, call: Callable[[], None]) -> None:
         await self._loop.run_in_executor(self._controls, call)
         self._on_room()  # a queued reset makes a paused stream schedulable
@@ -153,10 +166,19 @@ class Session:
         self._pacer.observe(seconds, len(images))
         flushed = self.queue.flush() if any(a.of == "reset" for a in chunk.acks) else 0
         self._on_chunk(chunk, seconds, flushed)
-        self.queue.put([Frame(chunk.first_frame + i, image, born) for i, image in enumerate(images)])
+        frames = [Frame(chunk.first_frame + i, image, born) for i, image in enumerate(images)]
+        if self.avatar is None:
+            self.queue.put(frames)
+        elif withheld := self.avatar.put(self.queue, chunk, frames):
+            self._count_dropped(withheld, "clear")
 
     def fail(self, exc: BaseException) -> None:
         self._on_error(exc)
+
+    def _count_dropped(self, frames: int, reason: str) -> None:
+        """Frames generated but never shown (any thread)."""
+        self._metrics.inc("streamgen_frames_dropped_total", frames, reason=reason)
+        self._loop.call_soon_threadsafe(lambda: self._counts.update(dropped=self._counts["dropped"] + frames))
 
     def _on_chunk(self, chunk: FrameChunk, seconds: float, flushed: int) -> None:
         self._metrics.inc("streamgen_frames_generated_total", len(chunk.frames))
@@ -197,6 +219,8 @@ class Session:
             self._metrics.observe("streamgen_first_frame_seconds", self._first_frame_s)
             self._offered_at = None
         self.last = frame
+        if new and self.avatar is not None:
+            self.avatar.shown(frame)
         self._counts["sent" if new else "held"] += 1
         self._metrics.inc("streamgen_frames_sent_total" if new else "streamgen_frames_held_total")
         if dropped:
@@ -207,6 +231,8 @@ class Session:
             self._window = (start, count + 1, ages + now - frame.born)
 
     def on_packet(self, packet: av.Packet, encoder: VideoEncoder) -> None:
+        if self.publication is not None:
+            self.publication.write(packet, encoder)  # copies the bytes: before the recording restamps the packet
         if self.recording is None or self.recording.stopped is not None:
             return
         try:
@@ -215,6 +241,23 @@ class Session:
             log.warning("session %s: recording %s stopped: %s", self.id, self.recording.path, exc)
             self.recording.stop()
             self.send(Error(message=f"recording stopped: {type(exc).__name__}: {exc}"[:300]))
+
+    # --- publishing --------------------------------------------------------------------------------
+    def start_publishing(self, url: str) -> Publication:
+        """Push what the viewer is sent to `url` (already allow-listed) from the next keyframe on."""
+        if self.publication is not None and self.publication.stopped is None:
+            raise InputError(f"session {self.id} is already publishing: stop it first")
+        if self.peer is None or self.peer.codec is None:
+            raise InputError("no viewer is connected: publishing takes the video a viewer is sent")
+        loop = asyncio.get_running_loop()
+        self.publication = Publication(url, self.peer.codec, self.fps, lambda message: loop.call_soon_threadsafe(
+            self.send, Error(message=f"publishing stopped: {message}"[:300])))
+        return self.publication
+
+    def stop_publishing(self) -> Publication | None:
+        if self.publication is not None:
+            self.publication.stop()
+        return self.publication
 
     # --- recording ---------------------------------------------------------------------------------
     def start_recording(self, folder: Path) -> Recording:
@@ -239,7 +282,8 @@ class Session:
         start, count, ages = self._window
         self._window = (now, 0, 0.0)
         return Stats(fps=round(count / max(now - start, 1e-3), 2), latency_ms=round(1000 * ages / count, 1) if count else 0.0,
-                     frame=self.last.index if self.last else -1, queue_depth=self.queue.depth, paused=self.paused)
+                     frame=self.last.index if self.last else -1, queue_depth=self.queue.depth, paused=self.paused,
+                     avatar=self.avatar.stats() if self.avatar is not None else None)
 
     def describe(self) -> dict[str, Any]:
         prompt = self.stream.stream.prompt
@@ -252,7 +296,9 @@ class Session:
             "chunk_latency_ms": round(1000 * sum(self._latency) / len(self._latency), 2) if self._latency else None,
             "frames": dict(self._counts), "stalls": self._stalls,
             "recording": self.recording.describe() if self.recording is not None else None,
+            "publication": self.publication.describe() if self.publication is not None else None,
             "video_input": self.video.describe() if self.video is not None else None,
+            "avatar": self.avatar.describe() if self.avatar is not None else None,
         }
 
     async def close(self, reason: str) -> None:
@@ -263,7 +309,10 @@ class Session:
         self._on_closed(self)
         self._metrics.inc("streamgen_sessions_closed_total", reason=reason)
         self.queue.close()
+        if self.avatar is not None:
+            self.avatar.close()
         self.stop_recording()
+        self.stop_publishing()
         stopped = self._handle.stop() if self._handle is not None else None
         peer, self.peer = self.peer, None
         if peer is not None:

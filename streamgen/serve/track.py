@@ -3,7 +3,8 @@
 Tick k is due at t0 + k/fps and carries RTP timestamp k·90000/fps. A tick that finds no new frame
 (first chunk still computing on resume, pause, a model slower than real time) re-sends the last one;
 a tick that comes late skips the ticks it missed and drops as many queued frames, so playback keeps
-to the wall clock instead of falling behind it.
+to the wall clock instead of falling behind it. With a `MediaClock` (an avatar session) each tick's decision
+is announced to it, so the audio track plays a frame's audio at that frame's media time.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import av
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from .audio_track import MediaClock
 from .encoder import VideoEncoder
 from .frames import Frame, FrameQueue
 
@@ -35,11 +37,12 @@ class FrameSource(Protocol):
 class PacedVideoTrack(MediaStreamTrack):
     kind = "video"
 
-    def __init__(self, source: FrameSource, encoder: VideoEncoder, fps: float) -> None:
+    def __init__(self, source: FrameSource, encoder: VideoEncoder, fps: float, clock: MediaClock | None = None) -> None:
         super().__init__()
         self.source = source
         self.encoder = encoder
         self.fps = fps
+        self.clock = clock
         self._t0: float | None = None
         self._tick = 0
 
@@ -47,6 +50,9 @@ class PacedVideoTrack(MediaStreamTrack):
         loop = asyncio.get_running_loop()
         while True:
             frame, new, dropped = await self._next_frame()
+            if self.clock is not None:
+                assert self._t0 is not None
+                self.clock.show(self._t0, self._tick, frame if new else None)
             packet = await loop.run_in_executor(None, self.encoder.encode, frame.image, self._tick)
             self.source.on_sent(frame, new, dropped)
             if packet is not None:  # an encoder may skip a frame to hold its rate: nothing to send this tick

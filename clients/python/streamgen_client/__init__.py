@@ -1,4 +1,5 @@
-"""Python client for `streamgen serve`: connect, receive frames, send prompts, await acks, record MP4."""
+"""Python client for `streamgen serve`: connect, receive frames, send prompts, await acks, record MP4; drive an
+avatar model with a speech file and a face picture."""
 from __future__ import annotations
 
 import importlib
@@ -6,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .client import ControlError, ReceivedFrame, ServerError, StreamClient
+    from .media import MediaFileError, SpeechTrack
     from .recorder import Recorder
 
-__all__ = ["ControlError", "ReceivedFrame", "Recorder", "ServerError", "StreamClient"]
+__all__ = ["ControlError", "MediaFileError", "ReceivedFrame", "Recorder", "ServerError", "SpeechTrack", "StreamClient"]
 _MODULES = {"ControlError": "client", "ReceivedFrame": "client", "ServerError": "client", "StreamClient": "client",
-            "Recorder": "recorder"}
+            "MediaFileError": "media", "SpeechTrack": "media", "Recorder": "recorder"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,7 @@
 """`streamgen client URL` (also `python -m streamgen_client`): watch a stream, change prompts at set
-times (--prompts-at), print acks, stalls and timing, optionally record MP4."""
+times (--prompts-at), print acks, stalls and timing, optionally record MP4. For an avatar model, --audio
+sends a speech file as the session's audio (in real time, as a microphone would) and --reference a face
+picture; the MP4 then holds the audio that comes back beside the video."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +14,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 # Only argparse-level imports here: `streamgen`'s parser adds these arguments without importing aiortc.
+
+DEFAULT_SECONDS = 10.0
+AUDIO_TAIL_S = 2.0  # with --audio, watched past the speech's end: its last frames are still being made and sent
 
 
 def parse_prompts_at(text: str) -> list[tuple[float, str]]:
@@ -61,14 +66,23 @@ def describe_stall(stall: dict[str, Any]) -> str:
     return f"stall at frame {stall['frame']} ({stall['recovery_s']:.1f} s): {stall['reason']}{replaced}"
 
 
-async def run(url: str, prompt: str | None, seconds: float, prompts_at: list[tuple[float, str]], out: str | None,
-              token: str | None) -> int:
+def watch_seconds(seconds: float | None, audio_s: float | None) -> float:
+    """--seconds, else the speech's length and a tail (--audio), else DEFAULT_SECONDS."""
+    if seconds is not None:
+        return seconds
+    return DEFAULT_SECONDS if audio_s is None else audio_s + AUDIO_TAIL_S
+
+
+async def run(url: str, prompt: str | None, seconds: float | None, prompts_at: list[tuple[float, str]],
+              out: str | None, token: str | None, audio: str | None = None, reference: str | None = None) -> int:
     import numpy as np
 
     from .client import ControlError, StreamClient
+    from .recorder import AUDIO_RATE
 
-    async with StreamClient(url, prompt=prompt, token=token, record=out) as client:
+    async with StreamClient(url, prompt=prompt, token=token, record=out, audio=audio, reference=reference) as client:
         print(f"session {client.session_id}")
+        seconds = watch_seconds(seconds, client.audio_track.duration_s if client.audio_track is not None else None)
         if prompt and (warning := ((await client.session()).get("prompt_detail") or {}).get("warning")):
             print(f"warning: {warning}", file=sys.stderr)
         start = time.monotonic()
@@ -99,6 +113,9 @@ async def run(url: str, prompt: str | None, seconds: float, prompts_at: list[tup
         print(f"{len(times)} frames in {seconds:g} s ({len(times) / seconds:.1f} fps); first frame after "
               f"{1000 * (client.first_frame_s or 0):.0f} ms; interval p50 {np.percentile(intervals, 50):.1f} ms, "
               f"p95 {np.percentile(intervals, 95):.1f} ms; server stats {client.stats}")
+        if client.audio_track is not None:
+            print(f"audio: {client.audio_track.duration_s:.1f} s of speech sent, "
+                  f"{client.audio_received / AUDIO_RATE:.1f} s of audio received")
     if out:
         print(f"saved {out}")
     return 0
@@ -114,10 +131,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The client's arguments, for its own parser and for `streamgen client` (one definition)."""
     parser.add_argument("url", type=_url_arg, help="server, e.g. http://127.0.0.1:8080")
     parser.add_argument("--prompt", help="initial prompt (default: the server's)")
-    parser.add_argument("--seconds", type=_seconds_arg, default=10.0, help="how long to watch (default: %(default)g)")
+    parser.add_argument("--seconds", type=_seconds_arg, default=None,
+                        help=f"how long to watch (default: {DEFAULT_SECONDS:g}; with --audio the speech's length + "
+                             f"{AUDIO_TAIL_S:g})")
     parser.add_argument("--prompts-at", type=_prompts_at_arg, default=[], metavar="S:PROMPT,…",
                         help='prompt changes at seconds into the stream, e.g. "3:a blue square,6:a green circle"')
-    parser.add_argument("-o", "--out", help="record the received video to this MP4 file")
+    parser.add_argument("--audio", metavar="SPEECH.wav",
+                        help="an avatar model's drive: this speech file is sent as the session's audio, in real time")
+    parser.add_argument("--reference", metavar="FACE.png", help="an avatar model's face: a PNG or JPEG picture")
+    parser.add_argument("-o", "--out", help="record the received video (and an avatar's audio) to this MP4 file")
     parser.add_argument("--token", help="bearer token, when the server has one")
 
 
@@ -125,9 +147,14 @@ def run_args(args: argparse.Namespace) -> int:
     import aiohttp
 
     from .client import ServerError
+    from .media import MediaFileError
 
     try:
-        return asyncio.run(run(args.url, args.prompt, args.seconds, args.prompts_at, args.out, args.token))
+        return asyncio.run(run(args.url, args.prompt, args.seconds, args.prompts_at, args.out, args.token,
+                               args.audio, args.reference))
+    except MediaFileError as exc:  # before connecting: nothing was sent
+        print(f"streamgen client: error: {exc}", file=sys.stderr)
+        return 2
     except ServerError as exc:
         print(f"streamgen client: server refused: {exc}", file=sys.stderr)
         return 1

@@ -4,6 +4,9 @@
         frame = await client.next_frame()             # ReceivedFrame: image uint8 [H, W, 3], pts, time
         ack = await client.send_prompt("the fox jumps")  # {"type": "ack", "of": "prompt", "frame": ...}
 
+    # an avatar model: the speech drives the face, and comes back as audio beside the video
+    async with StreamClient(url, audio="speech.wav", reference="face.png", record="talk.mp4") as client: ...
+
 Standalone (aiortc, aiohttp, av, numpy): it speaks only the HTTP + data-channel protocol.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ import itertools
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +29,7 @@ from aiortc import (MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerCon
                     RTCSessionDescription)
 from aiortc.mediastreams import MediaStreamError
 
+from .media import MonoConverter, SpeechTrack, load_speech, reference_data_url
 from .recorder import Recorder
 
 
@@ -57,7 +62,8 @@ class StreamClient:
     def __init__(self, url: str, prompt: str | None = None, *, params: dict[str, Any] | None = None,
                  token: str | None = None, session_id: str | None = None, resume_token: str | None = None,
                  ice_servers: list[dict[str, Any]] | None = None, codec: str | None = None, record: str | None = None,
-                 buffer: int = 256) -> None:
+                 buffer: int = 256, audio: str | Path | MediaStreamTrack | None = None,
+                 reference: str | Path | None = None) -> None:
         self.url = url.rstrip("/")
         self.prompt = prompt
         self.params = params
@@ -69,15 +75,21 @@ class StreamClient:
         self.notices: list[dict[str, Any]] = []  # acks and errors that answer no message of ours
         self.stalls: list[dict[str, Any]] = []  # `stall` messages: server-side faults recovered, oldest first
         self.frames_received = 0
+        self.audio_received = 0  # samples of the server's audio track received (48 kHz mono), across reconnects
+        # An avatar model's drive: a speech file (sent paced in real time, as a microphone would) or any audio
+        # track, and the face picture, loaded here so a bad file is refused before connecting (MediaFileError).
+        self.audio_track = SpeechTrack(load_speech(audio)) if isinstance(audio, (str, Path)) else audio
+        self.reference = reference_data_url(reference) if reference is not None else None
         self.first_frame_s: float | None = None  # connect() start → first frame
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._recorder = Recorder(record) if record else None
+        self._recorder = Recorder(record, audio=self.audio_track is not None) if record else None
         self._frames: asyncio.Queue[ReceivedFrame] = asyncio.Queue(maxsize=buffer)
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._pc: RTCPeerConnection | None = None
         self._channel = None
         self._reader: asyncio.Task | None = None
+        self._audio_reader: asyncio.Task | None = None
         self._http: aiohttp.ClientSession | None = None
         self._connected = False  # set after the first answered offer
 
@@ -110,16 +122,19 @@ class StreamClient:
             wanted = {"vp8": "video/VP8", "h264": "video/H264"}[self.codec]
             codecs = RTCRtpReceiver.getCapabilities("video").codecs
             transceiver.setCodecPreferences([c for c in codecs if c.mimeType in (wanted, "video/rtx")])
+        if self.audio_track is not None:  # the avatar's drive goes out; the audio that drove the frames comes back
+            pc.addTransceiver(self.audio_track, direction="sendrecv")
         channel = self._channel = pc.createDataChannel("control", ordered=True)
         opened = asyncio.get_running_loop().create_future()
         channel.on("open", lambda: opened.done() or opened.set_result(None))
         channel.on("message", self._on_message)
         track_ready: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
-        pc.on("track", lambda track: track_ready.done() or track_ready.set_result(track))
+        pc.on("track", lambda track: self._on_track(track, track_ready))
         await pc.setLocalDescription(await pc.createOffer())
         body: dict[str, Any] = {"sdp": pc.localDescription.sdp, "type": "offer"}
-        if not self._connected:  # a reconnect only resumes: the server kept prompt and params
-            body.update({k: v for k, v in (("prompt", self.prompt), ("params", self.params)) if v})
+        if not self._connected:  # a reconnect only resumes: the server kept prompt, params and reference
+            body.update({k: v for k, v in (("prompt", self.prompt), ("params", self.params),
+                                           ("reference", self.reference)) if v})
         if self.session_id:
             body.update(session_id=self.session_id, resume_token=self.resume_token, takeover=True)
         answer = await self._request("POST", "/offer", json=body)
@@ -129,27 +144,39 @@ class StreamClient:
         await asyncio.wait_for(opened, timeout)
         self._reader = asyncio.ensure_future(self._read_frames(track, started))
 
+    def _on_track(self, track: MediaStreamTrack, video: asyncio.Future[MediaStreamTrack]) -> None:
+        """The video track completes `video`; an audio track (an avatar's voice) is read at once."""
+        if track.kind == "video":
+            video.done() or video.set_result(track)
+        elif self._audio_reader is None:
+            self._audio_reader = asyncio.ensure_future(self._read_audio(track))
+
     async def reconnect(self) -> None:
         """A new connection to the same session (within the server's grace period the stream continues)."""
         await self.drop()
         await self.connect()
 
     async def drop(self) -> None:
-        """Close the peer connection without telling the server (as a crashed or vanished client would)."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        """Close the peer connection without telling the server (as a crashed or vanished client would).
+        A speech track sent goes on with the next connection."""
+        for task in (self._reader, self._audio_reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._pc is not None:
             await self._pc.close()
-        self._pc = self._channel = self._reader = None
+        self._pc = self._channel = self._reader = self._audio_reader = None
 
     async def close(self, delete: bool = True) -> None:
-        """End the session (DELETE on the server unless `delete=False`) and finish any recording."""
+        """End the session (DELETE on the server unless `delete=False`), stop the audio track sent, finish any
+        recording."""
         if delete and self.session_id and self._http is not None:
             with contextlib.suppress(aiohttp.ClientError, ServerError):
                 await self._request("DELETE", f"/sessions/{self.session_id}")
         await self.drop()
+        if self.audio_track is not None:
+            self.audio_track.stop()
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -188,6 +215,19 @@ class StreamClient:
             if self._frames.full():  # a slow consumer sees the newest frames, not a backlog
                 self._frames.get_nowait()
             self._frames.put_nowait(received)
+
+    async def _read_audio(self, track: MediaStreamTrack) -> None:
+        """The server's audio (for an avatar: the samples that drove the frames), counted and recorded."""
+        mono = MonoConverter()
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            samples = mono(frame)
+            self.audio_received += len(samples)
+            if self._recorder is not None:
+                self._recorder.write_audio(samples, time.monotonic())
 
     # --- control ---------------------------------------------------------------------------
     async def send(self, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:

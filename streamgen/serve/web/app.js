@@ -11,6 +11,12 @@
 //
 // A dropped connection is re-established with the stored session_id, which resumes the same stream
 // while the server's grace period lasts; after that a new session starts with the last prompt.
+//
+// An avatar model (GET /model has `avatar`) is driven by audio, not text: the page hides the prompt and shows a
+// face (the offer's `reference`, a PNG data URL; none: the server's default face), the microphone (sendrecv
+// audio on the offer; the server sends the audio that drove the frames back, played beside the video) and a
+// speech file pushed over the session's audio WebSocket (/sessions/{id}/audio: PCM s16le, `flush` at the end,
+// `clear` to interrupt; the server answers `playback_finished` {position, interrupted}, shown in the log).
 // No build step: plain ES module, no dependencies.
 
 const $ = (id) => document.getElementById(id);
@@ -20,7 +26,9 @@ const ui = {
   chunks: $("blend-chunks"), interp: $("blend-interp"), connect: $("connect"), disconnect: $("disconnect"),
   pause: $("pause"), resume: $("resume"), reset: $("reset"), token: $("token"), codec: $("codec"),
   log: $("log"), clearLog: $("clear-log"), promptHelp: $("prompt-help"), vocabulary: $("vocabulary"),
-  settings: $("settings"),
+  settings: $("settings"), avatar: $("avatar"), face: $("face"), referenceFile: $("reference-file"),
+  referencePreview: $("reference-preview"), microphone: $("microphone"), sound: $("sound"),
+  speechFile: $("speech-file"), speak: $("speak"), interrupt: $("interrupt"),
 };
 const stat = Object.fromEntries([...ui.stats.querySelectorAll("[data-stat]")].map((el) => [el.dataset.stat, el]));
 
@@ -33,6 +41,11 @@ const RECONNECT_DELAYS_MS = [300, 700, 1500, 2500, 4000]; // then every 4 s, unt
 const RECONNECT_GIVE_UP_MS = 60_000;
 const DISCONNECTED_GRACE_MS = 2500; // ICE "disconnected" this long counts as a drop
 const STALL_SHOWN_MS = 10_000; // how long the stall badge stays over the video
+const MAX_REFERENCE_FILE_BYTES = 8 * 1024 * 1024; // a face picture file over this is refused before decoding
+const REFERENCE_SIDE = 256; // a face is sent as a PNG scaled to this longer side (the model reads 32×32)
+const MAX_SPEECH_FILE_BYTES = 64 * 1024 * 1024;
+const SPEECH_MESSAGE_S = 0.5; // audio per WebSocket message (the server takes at most 1 s)
+const SPEECH_LEAD_S = 2; // how far ahead of real time a speech file is pushed (the server buffers 30 s)
 
 const state = {
   phase: "idle", // idle → connecting → live ⇄ reconnecting → idle
@@ -55,6 +68,17 @@ const state = {
   disconnectedTimer: null,
   statsTimer: null,
   noResume: false, // the server ended the session on purpose: do not try to resume it
+  model: null, // GET /model, once read
+  avatar: {
+    info: null, // the model's `avatar` block: set when the server's model is audio-driven
+    reference: null, // the face's data URL sent with a new session's offer; null: the server's default
+    uploaded: null, // the last uploaded picture's data URL
+    microphone: null, // the live microphone track
+    sending: false, // this connection sends the microphone (sendrecv audio; else recvonly)
+    socket: null, // the session's audio WebSocket (a speech file)
+    speech: null, // the file being pushed: {name, samples, sent, started, timer}
+    playback: [], // every playback_finished received
+  },
 };
 
 // --- logging & status ---------------------------------------------------------------------------
@@ -100,6 +124,7 @@ function setPhase(phase) {
   syncPauseButtons(Boolean(state.stats?.paused)); // until the first stats message: a stream runs unpaused
   ui.stats.hidden = phase === "idle" || phase === "reconnecting";
   if (phase === "idle") ui.paused.hidden = ui.stall.hidden = true;
+  syncSpeechButtons();
 }
 
 function syncPauseButtons(paused) {
@@ -185,12 +210,18 @@ async function connect({ fallbackToNew = true } = {}) {
     if (err.status === 0) return dropped(err.message);
     log("warn", `no ICE server list (${err.message}); trying without`);
   }
+  const avatarInfo = (await loadModel())?.avatar ?? null;
   if (state.userClosed) return;
 
   const pc = new RTCPeerConnection({ iceServers });
   state.pc = pc;
   const transceiver = pc.addTransceiver("video", { direction: "recvonly" });
   preferCodec(transceiver, ui.codec.value);
+  if (avatarInfo) await addAvatarAudio(pc);
+  if (state.pc !== pc) { // disconnected while the microphone was being opened
+    if (state.userClosed) releaseMicrophone();
+    return;
+  }
   const channel = pc.createDataChannel("control", { ordered: true });
   state.channel = channel;
   wire(pc, channel);
@@ -201,7 +232,8 @@ async function connect({ fallbackToNew = true } = {}) {
 
   const body = { sdp: pc.localDescription.sdp, type: "offer" };
   if (resuming) Object.assign(body, { session_id: state.sessionId, resume_token: state.resumeToken, takeover: true });
-  else if (prompt) body.prompt = prompt;
+  else if (avatarInfo && state.avatar.reference) body.reference = state.avatar.reference;
+  else if (!avatarInfo && prompt) body.prompt = prompt;
 
   let answer;
   try {
@@ -262,8 +294,10 @@ function logUnderstood(what, text, detail, tail) {
 
 function wire(pc, channel) {
   pc.addEventListener("track", (event) => {
-    ui.video.srcObject = event.streams[0] ?? new MediaStream([event.track]);
-    ui.video.play().catch(() => {}); // muted + autoplay: allowed; the catch covers an interrupted play()
+    // video, and an avatar's audio: one stream on the <video>, a new track replacing an old one of its kind
+    const kept = ui.video.srcObject?.getTracks().filter((t) => t.kind !== event.track.kind) ?? [];
+    ui.video.srcObject = new MediaStream([...kept, event.track]);
+    playVideo();
   });
   pc.addEventListener("connectionstatechange", () => {
     if (state.pc !== pc) return;
@@ -297,6 +331,7 @@ function teardown() {
     for (const entry of state.pending.values()) log("warn", `no reply to ${entry.type} (connection closed)`);
   }
   state.pending.clear();
+  state.avatar.sending = false;
   state.stats = null; // the next connection's stats replace these; until then show none, not stale ones
   for (const el of Object.values(stat)) el.textContent = "–";
   try { channel?.close(); } catch { /* already closed */ }
@@ -342,6 +377,7 @@ function fail(err) {
 
 function stop() {
   state.userClosed = true;
+  releaseAvatarAudio();
   for (const { message } of state.outbox.splice(0)) log("warn", `not connected: ${message.type} not sent`);
   clearTimeout(state.reconnect.timer);
   state.reconnect = { attempt: 0, since: 0, timer: null };
@@ -466,6 +502,7 @@ function showStats(message) {
   stat.fps.textContent = message.fps.toFixed(1);
   stat.latency.textContent = `${Math.round(message.latency_ms)} ms`;
   stat.queue.textContent = String(message.queue_depth);
+  if (message.avatar) showAvatarStats(message.avatar);
   syncPauseButtons(Boolean(message.paused));
 }
 
@@ -504,6 +541,276 @@ function countPresentedFrames() {
   ui.video.requestVideoFrameCallback(onFrame);
 }
 
+// --- avatar: face, microphone, speech file ---------------------------------------------------------
+/** The server's model is audio-driven: show the face and audio controls instead of the prompt. */
+function enterAvatarMode(info) {
+  state.avatar.info = info;
+  document.body.dataset.mode = "avatar";
+  ui.avatar.hidden = false;
+  ui.video.muted = !ui.sound.checked;
+  chooseFace();
+}
+
+/** `shape:#rrggbb` → a 128-px PNG data URL of that face outline filled with the colour, on black (the
+ *  avatar world's outlines: a disc, a square, an upright oval). */
+function drawFace(preset) {
+  const [shape, colour] = preset.split(":");
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = 128;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, 128, 128);
+  ctx.fillStyle = colour;
+  ctx.beginPath();
+  if (shape === "square") ctx.rect(20, 20, 88, 88);
+  else ctx.ellipse(64, 64, shape === "oval" ? 34 : 50, shape === "oval" ? 54 : 50, 0, 0, 2 * Math.PI);
+  ctx.fill();
+  return canvas.toDataURL("image/png");
+}
+
+/** The face the select names: the server's default (none sent), a preset, or the uploaded picture. */
+function chooseFace() {
+  const value = ui.face.value;
+  const a = state.avatar;
+  a.reference = value === "" ? null : value === "upload" ? a.uploaded : drawFace(value);
+  ui.referencePreview.src = a.reference ?? drawFace("round:#ffffff");
+  if (state.phase !== "idle") log("info", "the new face applies to the next session (Disconnect, then Connect)");
+}
+
+/** An uploaded picture → a PNG data URL at most REFERENCE_SIDE px on its longer side (size-limited here,
+ *  before the server's own limit); a clear error for a file that is too large or not a picture. */
+async function pictureDataUrl(file) {
+  if (file.type && !["image/png", "image/jpeg"].includes(file.type)) throw new Error(`${file.name} is not a PNG or JPEG picture`);
+  if (file.size > MAX_REFERENCE_FILE_BYTES) {
+    throw new Error(`${file.name} is ${(file.size / 2 ** 20).toFixed(1)} MB, over the ${MAX_REFERENCE_FILE_BYTES / 2 ** 20} MB limit`);
+  }
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file);
+  } catch {
+    throw new Error(`${file.name} could not be decoded as a picture`);
+  }
+  const scale = Math.min(1, REFERENCE_SIDE / Math.max(bitmap.width, bitmap.height));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+  canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  bitmap.close();
+  return canvas.toDataURL("image/png");
+}
+
+async function uploadFace() {
+  const file = ui.referenceFile.files[0];
+  if (!file) return;
+  try {
+    state.avatar.uploaded = await pictureDataUrl(file);
+  } catch (err) {
+    ui.referenceFile.value = "";
+    return log("error", `face picture refused: ${err.message}`);
+  }
+  const upload = ui.face.querySelector('option[value="upload"]');
+  upload.disabled = false;
+  upload.textContent = `uploaded: ${file.name}`;
+  ui.face.value = "upload";
+  chooseFace();
+  log("info", `face picture ${file.name} ready`);
+}
+
+/** The offer's audio section: sendrecv with the microphone when it is on, else recvonly; either way the
+ *  server's audio (what drove the frames) comes back on it. */
+async function addAvatarAudio(pc) {
+  const track = ui.microphone.checked ? await openMicrophone() : null;
+  state.avatar.sending = Boolean(track);
+  if (track) {
+    pc.addTransceiver(track, { direction: "sendrecv" });
+    log("info", "microphone on: your voice drives the face");
+  } else {
+    pc.addTransceiver("audio", { direction: "recvonly" });
+  }
+}
+
+/** The live microphone track (opened once, reused across reconnects), or null with the reason logged. */
+async function openMicrophone() {
+  const a = state.avatar;
+  if (a.microphone?.readyState === "live") return a.microphone;
+  if (!navigator.mediaDevices?.getUserMedia) {
+    log("error", "no microphone here: browsers allow one only on https:// or localhost pages");
+  } else {
+    try {
+      a.microphone = (await navigator.mediaDevices.getUserMedia({ audio: true })).getAudioTracks()[0];
+      return a.microphone;
+    } catch (err) {
+      log("error", `microphone unavailable (${err.name}: ${err.message})`);
+    }
+  }
+  ui.microphone.checked = false;
+  return null;
+}
+
+/** The microphone checkbox while connected re-offers the same session with or without it: the server holds
+ *  a connection's microphone as the session's audio source until that connection ends, so only a new one
+ *  frees the session for a speech file. */
+function toggleMicrophone() {
+  if (state.phase !== "live" || !state.avatar.info) return;
+  if (!ui.microphone.checked) releaseMicrophone();
+  log("info", `microphone ${ui.microphone.checked ? "on" : "off"}: reconnecting session ${state.sessionId.slice(0, 8)}`);
+  teardown();
+  setPhase("reconnecting");
+  connect().catch((err) => dropped(err.message));
+}
+
+function releaseMicrophone() {
+  state.avatar.microphone?.stop();
+  state.avatar.microphone = null;
+}
+
+/** The session ended: microphone, speech file and audio socket go with it. */
+function releaseAvatarAudio() {
+  releaseMicrophone();
+  stopSpeech();
+  state.avatar.socket?.close();
+  state.avatar.socket = null;
+  syncSpeechButtons();
+}
+
+/** Sound on or off: the avatar's audio plays from the <video> (autoplay may need a click first). */
+function playVideo() {
+  ui.video.muted = !(state.avatar.info && ui.sound.checked);
+  ui.video.play().catch((err) => {
+    if (err.name !== "NotAllowedError" || ui.video.muted) return; // an interrupted play(): the next one runs
+    ui.video.muted = true;
+    ui.sound.checked = false;
+    ui.video.play().catch(() => {});
+    log("warn", "the browser blocked the avatar's sound: tick Sound to hear it");
+  });
+}
+
+/** A speech file → mono Int16 samples at `rate` (decoded and resampled by the browser). */
+async function speechSamples(file, rate) {
+  if (file.size > MAX_SPEECH_FILE_BYTES) throw new Error(`it is over the ${MAX_SPEECH_FILE_BYTES / 2 ** 20} MB limit`);
+  let audio;
+  try {
+    audio = await new OfflineAudioContext(1, 1, rate).decodeAudioData(await file.arrayBuffer());
+  } catch {
+    throw new Error("it could not be decoded as audio");
+  }
+  const mono = new Float32Array(audio.length);
+  for (let c = 0; c < audio.numberOfChannels; c++) {
+    audio.getChannelData(c).forEach((v, i) => { mono[i] += v / audio.numberOfChannels; });
+  }
+  return Int16Array.from(mono, (v) => Math.max(-32768, Math.min(32767, Math.round(v * 32767))));
+}
+
+/** The session's audio WebSocket, opened once per session; resolves null (logged) when it cannot open. */
+function speechSocket() {
+  const a = state.avatar;
+  if (a.socket?.readyState === WebSocket.OPEN) return Promise.resolve(a.socket);
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const token = ui.token.value.trim();  // a browser's WebSocket cannot send headers: the token rides as a subprotocol
+  const socket = new WebSocket(`${scheme}://${location.host}/sessions/${encodeURIComponent(state.sessionId)}/audio` +
+                               `?sample_rate=${a.info.sample_rate}`, token ? ["streamgen.audio", `bearer.${token}`] : []);
+  socket.binaryType = "arraybuffer";
+  a.socket = socket;
+  return new Promise((resolve) => {
+    socket.addEventListener("message", (event) => {
+      if (typeof event.data !== "string") return;
+      let message;
+      try { message = JSON.parse(event.data); } catch { return log("warn", "unreadable message on the audio socket"); }
+      if (message.type === "ready") resolve(socket);
+      handleSpeechMessage(message);
+    });
+    socket.addEventListener("close", (event) => {
+      resolve(null);
+      if (a.socket !== socket) return;
+      a.socket = null;
+      stopSpeech();
+      syncSpeechButtons();
+      if (event.code === 1006 && !event.wasClean) {
+        log("error", "the server refused the audio socket (a wrong access token, or another audio source)");
+      } else if (event.code !== 1000) {
+        log("info", `audio socket closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`);
+      }
+    });
+  });
+}
+
+function handleSpeechMessage(message) {
+  if (message.type === "playback_finished") {
+    state.avatar.playback.push(message);
+    if (message.interrupted) log("warn", `⏹ speech interrupted after ${message.position.toFixed(2)} s shown`);
+    else log("ack", `✓ speech finished: ${message.position.toFixed(2)} s shown`);
+  } else if (message.type === "error") {
+    log("error", `✗ audio${message.of ? ` ${message.of}` : ""}: ${message.message}`);
+  }
+}
+
+/** Speak: push the chosen file's audio over the socket at most SPEECH_LEAD_S ahead of real time, then flush. */
+async function speak() {
+  const file = ui.speechFile.files[0];
+  if (!file) return log("warn", "choose a speech file first");
+  if (state.avatar.sending) return log("warn", "turn the microphone off first: the avatar takes one audio source at a time");
+  let samples;
+  try {
+    samples = await speechSamples(file, state.avatar.info.sample_rate);
+  } catch (err) {
+    return log("error", `speech file ${file.name} refused: ${err.message}`);
+  }
+  const socket = await speechSocket();
+  if (!socket) return;
+  stopSpeech();
+  state.avatar.speech = { name: file.name, samples, sent: 0, started: performance.now(), timer: null };
+  log("info", `speaking ${file.name} (${(samples.length / state.avatar.info.sample_rate).toFixed(1)} s)`);
+  syncSpeechButtons();
+  pushSpeech(socket);
+}
+
+function pushSpeech(socket) {
+  const speech = state.avatar.speech;
+  if (!speech || socket.readyState !== WebSocket.OPEN) return;
+  const rate = state.avatar.info.sample_rate;
+  const due = Math.min(speech.samples.length, ((performance.now() - speech.started) / 1000 + SPEECH_LEAD_S) * rate);
+  while (speech.sent < due) {
+    const part = speech.samples.subarray(speech.sent, Math.min(speech.sent + SPEECH_MESSAGE_S * rate, speech.samples.length));
+    socket.send(part.slice().buffer); // Int16Array: little-endian on every browser platform (s16le)
+    speech.sent += part.length;
+  }
+  if (speech.sent < speech.samples.length) {
+    speech.timer = setTimeout(() => pushSpeech(socket), 100);
+    return;
+  }
+  socket.send(JSON.stringify({ type: "flush" }));
+  state.avatar.speech = null;
+  syncSpeechButtons();
+}
+
+function stopSpeech() {
+  clearTimeout(state.avatar.speech?.timer);
+  state.avatar.speech = null;
+}
+
+/** Interrupt (barge-in): stop pushing and have the server drop what has not been shown. */
+function interrupt() {
+  const socket = state.avatar.socket;
+  if (socket?.readyState !== WebSocket.OPEN) return log("warn", "nothing to interrupt: no speech was sent");
+  stopSpeech();
+  socket.send(JSON.stringify({ type: "clear" }));
+  log("info", "interrupt sent");
+  syncSpeechButtons();
+}
+
+function syncSpeechButtons() {
+  const live = state.phase === "live" && Boolean(state.avatar.info);
+  ui.speak.disabled = !live || !ui.speechFile.files.length;
+  ui.interrupt.disabled = !live || !state.avatar.socket;
+}
+
+function showAvatarStats(avatar) {
+  stat.av.textContent = avatar.av_latency_ms == null ? "–" : `${Math.round(avatar.av_latency_ms)} ms`;
+  stat.buffered.textContent = `${avatar.buffered_s.toFixed(1)} s`;
+}
+
 // --- wiring -------------------------------------------------------------------------------------
 ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
@@ -528,20 +835,34 @@ ui.token.addEventListener("change", () => {
   else sessionStorage.removeItem(KEY_TOKEN);
 });
 ui.video.addEventListener("playing", () => { ui.placeholder.hidden = true; });
+ui.face.addEventListener("change", chooseFace);
+ui.referenceFile.addEventListener("change", uploadFace);
+ui.microphone.addEventListener("change", toggleMicrophone);
+ui.sound.addEventListener("change", playVideo);
+ui.speechFile.addEventListener("change", syncSpeechButtons);
+ui.speak.addEventListener("click", speak);
+ui.interrupt.addEventListener("click", interrupt);
 countPresentedFrames();
 setPhase("idle");
-showModel();
+loadModel();
+
+/** GET /model once (again at Connect while it failed: a token may be needed first) and show what it says. */
+async function loadModel() {
+  if (state.model) return state.model;
+  try {
+    state.model = await api("GET", "/model");
+  } catch {
+    return null; // the page works without it, as for a text model
+  }
+  if (state.model.avatar) enterAvatarMode(state.model.avatar);
+  showVocabulary(state.model);
+  return state.model;
+}
 
 /** For a closed-vocabulary model, name the words it knows under the prompt box (others are ignored). */
-async function showModel() {
-  let model;
-  try {
-    model = await api("GET", "/model");
-  } catch {
-    return; // a token is needed first, or the server is away: the page works without the hint
-  }
+function showVocabulary(model) {
   const words = model.vocabulary;
-  if (!words) return;
+  if (!words || !Object.keys(words).length) return;
   const example = [words.colour?.[0], words.shape?.[1], words.direction?.[0]].filter(Boolean);
   if (example.length === 3) ui.prompt.placeholder = `e.g. a ${example[0]} ${example[1]} moving ${example[2]}, press Enter`;
   ui.vocabulary.textContent = `${model.name} knows only these words — ` +
@@ -565,6 +886,11 @@ window.streamgen = {
   get acks() { return state.acks.slice(); },
   get errors() { return state.errors.slice(); },
   get stalls() { return state.stalls.slice(); },
+  get avatar() {
+    const a = state.avatar;
+    return { mode: Boolean(a.info), reference: a.reference, microphone: a.microphone?.readyState === "live",
+             sending: a.sending, speaking: Boolean(a.speech), playback: a.playback.slice() };
+  },
   connect: () => connect(),
   disconnect,
   send,
