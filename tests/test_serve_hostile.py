@@ -37,6 +37,42 @@ def test_cross_site_and_wrongly_typed_offers_are_refused(tracebacks) -> None:
     run(main())
 
 
+def test_an_allowed_sites_preflight_passes_before_the_token_and_its_replies_are_readable(tracebacks) -> None:
+    """A WHIP/WHEP player on an --allow-origin site: its OPTIONS preflight carries no token and must not get 401;
+    the real request (with the token) gets a reply the page may read, Location included. Other sites: 403."""
+    app, evil = "https://app.example.com", "http://evil.example"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+
+    async def main() -> dict:
+        out = {}
+        async with serving(allowed_origins=(app,), token="s3cret") as server, aiohttp.ClientSession() as http:
+            for path in ("/whep", "/whip", "/offer"):
+                async with http.options(server.url + path, headers={"Origin": app, **preflight}) as r:
+                    out[path] = (r.status, dict(r.headers))
+            async with http.options(server.url + "/whep", headers={"Origin": evil, **preflight}) as r:
+                out["evil"] = (r.status, dict(r.headers), (await r.json())["error"])
+            async with http.post(server.url + "/whep", data=await offer_sdp(), headers={
+                    "Origin": app, "Content-Type": "application/sdp", "Authorization": "Bearer s3cret"}) as r:
+                out["post"] = (r.status, dict(r.headers))
+                location = r.headers.get("Location")
+            async with http.delete(server.url + location, headers={"Origin": app, "Authorization": "Bearer s3cret"}) as r:
+                out["delete"] = r.status
+            async with http.post(server.url + "/whep", data="v=0", headers={"Origin": app, "Content-Type": "application/sdp"}) as r:
+                out["no_token"] = (r.status, dict(r.headers))
+        return out
+
+    out = run(main())
+    for path in ("/whep", "/whip", "/offer"):
+        status, headers = out[path]
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == app, (path, status)
+        assert "POST" in headers["Access-Control-Allow-Methods"] and "Authorization" in headers["Access-Control-Allow-Headers"]
+    assert out["evil"][0] == 403 and "Access-Control-Allow-Origin" not in out["evil"][1] and "evil.example" in out["evil"][2]
+    status, headers = out["post"]
+    assert status == 201 and headers["Access-Control-Allow-Origin"] == app and "Location" in headers["Access-Control-Expose-Headers"]
+    assert out["delete"] == 200
+    assert out["no_token"][0] == 401 and out["no_token"][1]["Access-Control-Allow-Origin"] == app  # the page can read why
+
+
 def test_broken_sdp_and_odd_paths_are_4xx_without_a_traceback(tracebacks) -> None:
     async def main() -> None:
         async with serving() as server, aiohttp.ClientSession() as http:

@@ -31,7 +31,7 @@ from .avatar import audio_problem
 from .config import ServeConfig
 from .errors import describe
 from .ice import check_offer, ice_servers
-from .limits import AddressRateLimiter, Handler, bearer_auth, origin_check
+from .limits import AddressRateLimiter, Handler, bearer_auth, cors, origin_check
 from .manager import SessionManager
 from .metrics import Metrics
 from .protocol import Offer, PublishRequest, RecordingRequest, load_json
@@ -233,7 +233,8 @@ async def static(request: web.Request) -> web.StreamResponse:
 
 
 def create_app(config: ServeConfig, backend: Backend, manager: SessionManager, metrics_: Metrics) -> web.Application:
-    app = web.Application(middlewares=[json_errors, origin_check(config.allowed_origins), bearer_auth(config.token)],
+    app = web.Application(middlewares=[json_errors, cors(config.allowed_origins), origin_check(config.allowed_origins),
+                                       bearer_auth(config.token)],
                           client_max_size=MAX_BODY_BYTES)
     app[CONFIG], app[BACKEND], app[MANAGER], app[METRICS] = config, backend, manager, metrics_
     app[OFFER_LIMITER] = AddressRateLimiter(config.offer_rate, config.offer_burst)

@@ -121,6 +121,38 @@ def origin_check(allowed: Iterable[str]):
     return middleware
 
 
+CORS_METHODS = "GET, POST, DELETE, PATCH, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, If-Match"
+CORS_EXPOSED = "Location, ETag, Link, Retry-After, Accept-Post"  # what WHIP/WHEP clients read off a reply
+
+
+def cors(allowed: Iterable[str]):
+    """Middleware letting the pages of the `--allow-origin` sites call the API from a browser (WHIP/WHEP
+    players, a control page elsewhere): their preflight `OPTIONS` is answered here, before the token check
+    (a preflight never carries the token), and their replies say they may read them. Another site's preflight
+    is a 403 with the reason; this server's own page needs none of it."""
+    allowed = frozenset(o.rstrip("/").lower() for o in allowed)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = (request.headers.get("Origin") or "").rstrip("/").lower()
+        listed = origin in allowed
+        if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
+            if not listed:
+                reason = cross_site(request, allowed) or f"{origin} is this server's own origin: it needs no preflight"
+                return web.json_response({"error": reason}, status=403)
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Origin": request.headers["Origin"], "Access-Control-Allow-Methods": CORS_METHODS,
+                "Access-Control-Allow-Headers": CORS_HEADERS, "Access-Control-Max-Age": "600", "Vary": "Origin"})
+        response = await handler(request)
+        if listed:
+            response.headers.update({"Access-Control-Allow-Origin": request.headers["Origin"],
+                                     "Access-Control-Expose-Headers": CORS_EXPOSED, "Vary": "Origin"})
+        return response
+
+    return middleware
+
+
 def cross_site(request: web.Request, allowed: Iterable[str]) -> str | None:
     """Why a request a browser sent from another site is refused (None: no `Origin`, this server's own, or
     one in `allowed`). Also for WebSocket upgrades, which are GETs that change state."""
