@@ -98,20 +98,45 @@ def drive_features(samples: np.ndarray, blinks: np.ndarray | None = None, frames
     return out
 
 
+class BlinkSchedule:
+    """A stream's blinks: the eyes close for BLINK_FRAMES frames, separated by intervals drawn uniformly from
+    BLINK_INTERVAL_S by a generator seeded with the stream's seed (the first blink after half an interval).
+
+    `window(start, frames)` → eyes closed (True) per frame for frames start … start+frames−1. A pure function of
+    (seed, frame); the object keeps its place, so a stream asking for window after window draws each blink
+    once (a window before the previous one starts over from frame 0)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._restart()
+
+    def _restart(self) -> None:
+        self._rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0xB1].copy())
+        self._at = self._interval() // 2  # start of the first blink that ends after `_start`
+        self._start = 0
+
+    def _interval(self) -> int:
+        lo, hi = (int(s * FPS) for s in BLINK_INTERVAL_S)
+        return int(self._rng.integers(lo, hi + 1))
+
+    def window(self, start: int, frames: int) -> np.ndarray:
+        if start < self._start:
+            self._restart()
+        self._start, end = start, start + frames
+        closed = np.zeros(frames, bool)
+        while self._at < end:
+            a, b = max(self._at, start), min(self._at + BLINK_FRAMES, end)
+            if a < b:
+                closed[a - start:b - start] = True
+            if self._at + BLINK_FRAMES > end:  # it goes on in the next window
+                break
+            self._at += BLINK_FRAMES + self._interval()
+        return closed
+
+
 def blink_schedule(seed: int, frames: int, start: int = 0) -> np.ndarray:
-    """Eyes closed (True) per frame for frames start … start+frames−1 of a stream with this seed: blinks of
-    BLINK_FRAMES frames separated by intervals drawn uniformly from BLINK_INTERVAL_S. A pure function of
-    (seed, frame), so any window of the stream is the same whichever way it is asked for."""
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xB1].copy())
-    lo, hi = (int(s * FPS) for s in BLINK_INTERVAL_S)
-    closed = np.zeros(frames, bool)
-    at = int(rng.integers(lo, hi + 1)) // 2  # the first blink comes after half an interval
-    while at < start + frames:
-        a, b = max(at, start), min(at + BLINK_FRAMES, start + frames)
-        if a < b:
-            closed[a - start:b - start] = True
-        at += BLINK_FRAMES + int(rng.integers(lo, hi + 1))
-    return closed
+    """Eyes closed (True) per frame for frames start … start+frames−1 of a stream with this seed (`BlinkSchedule`)."""
+    return BlinkSchedule(seed).window(start, frames)
 
 
 def babble(seed: int, seconds: float) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..audio import SAMPLE_RATE
-from ..avatar_world import DRIVE_DIM, FPS, SAMPLES_PER_FRAME, blink_schedule, drive_features, identity_from_image
+from ..avatar_world import DRIVE_DIM, FPS, SAMPLES_PER_FRAME, BlinkSchedule, drive_features, identity_from_image
 from ..avatar_world.face import reference_frame
 from ..engine.stream import StreamConfig
 from ..errors import InputError
@@ -75,16 +75,26 @@ class AvatarModel(nn.Module):
         return self.dit(x.transpose(1, 2), t, cross, attn, drive=drive).transpose(1, 2)
 
 
+class WorldDriver:
+    """One stream's drive on the avatar world: its samples' features and its own blink schedule, which keeps its
+    place from chunk to chunk (a long stream does not replay its blinks from frame 0 every chunk)."""
+
+    def __init__(self, blinks: BlinkSchedule) -> None:
+        self.blinks = blinks
+
+    def __call__(self, samples: np.ndarray, first_frame: int) -> Tensor:
+        frames = len(samples) // SAMPLES_PER_FRAME
+        return torch.from_numpy(drive_features(samples, self.blinks.window(first_frame, frames), frames))[None]
+
+
 class WorldAudioDrive:
     """`AudioDriven` for the embedded avatar: the avatar world's features and blink schedule."""
 
     sample_rate = SAMPLE_RATE
     samples_per_frame = SAMPLES_PER_FRAME
 
-    def drive(self, samples: np.ndarray, first_frame: int, seed: int) -> Tensor:
-        frames = len(samples) // SAMPLES_PER_FRAME
-        blinks = blink_schedule(seed, frames, start=first_frame)
-        return torch.from_numpy(drive_features(samples, blinks, frames))[None]
+    def driver(self, seed: int) -> WorldDriver:
+        return WorldDriver(BlinkSchedule(seed))
 
     def rest_drive(self) -> Tensor:
         return torch.from_numpy(drive_features(np.zeros(SAMPLES_PER_FRAME, np.float32), None, 1))[None]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,10 +28,16 @@ from torch import Tensor
 from ..cache.kv import CallSpec
 from ..errors import InputError
 from ..models.dit import CrossKV
+from ..sampling.few_step import FewStepSampler
 from .execution import Calls, ChunkInputs, ExactExecution, Inputs
 
 if TYPE_CHECKING:
     from .stream import Stream
+
+
+Driver = Callable[[np.ndarray, int], Tensor]
+"""One stream's drive: (samples of frames first_frame … as float32 [F·S], first_frame) → drive [1, F, D] (audio
+features + the stream's idle schedule). Asked chunk after chunk, so it may keep its place (a stateful object)."""
 
 
 class AudioDriven(Protocol):
@@ -39,8 +46,8 @@ class AudioDriven(Protocol):
     sample_rate: int
     samples_per_frame: int  # audio samples per video frame (= per latent frame for pixel latents)
 
-    def drive(self, samples: np.ndarray, first_frame: int, seed: int) -> Tensor:
-        """Samples of frames first_frame … (float32 [F·S]) → drive [1, F, D] (audio features + idle schedule)."""
+    def driver(self, seed: int) -> Driver:
+        """The drive of a new stream with this seed (a reset makes a new one)."""
 
     def rest_drive(self) -> Tensor:
         """The drive of the reference frame (silence, at rest) [1, 1, D]."""
@@ -128,13 +135,11 @@ class DrivenExecution(ExactExecution):
     frame_offset = 1
 
     def __init__(self, stream: Stream, audio: AudioBuffer, model: AudioDriven, reference: Tensor) -> None:
-        from ..sampling.few_step import FewStepSampler
-
         cfg = stream.config
         sampler = FewStepSampler(stream.schedule, stream.timesteps, cfg.context_noise)
         super().__init__(stream.denoiser, stream.allocate_cache(), sampler, cfg.chunk_frames)
         self.audio, self.model, self.reference = audio, model, reference
-        self.seed = cfg.seed
+        self.driver = model.driver(cfg.seed)
         self._chunk_audio: dict[int, Tensor] = {}
         self.late_chunks = 0  # chunks that had to be (partly) generated from silence
 
@@ -152,7 +157,7 @@ class DrivenExecution(ExactExecution):
         if real < len(samples):
             self.late_chunks += 1
         self._chunk_audio[j] = torch.from_numpy(samples)
-        drive = self.model.drive(samples, j * self.chunk_frames, self.seed)
+        drive = self.driver(samples, j * self.chunk_frames)
         return replace(inp, drive=drive, recache_id=self.recache_id)
 
     def chunk_audio(self, chunk: int) -> Tensor | None:

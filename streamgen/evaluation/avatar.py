@@ -6,24 +6,19 @@ from typing import Any
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
-from ..avatar_world import SAMPLES_PER_FRAME, babble, blink_schedule, random_identity, score_clip
-from ..train.avatar_eval import WARM_UP_FRAMES, generate, user_picture
+from ..avatar_world import SAMPLES_PER_FRAME, score_clip
+from ..train.avatar_eval import WARM_UP_FRAMES, run_stream
 
 
 def evaluate_long(bundle, frames: int, seed: int = 0, window: int = 1000) -> dict[str, Any]:
     """Drift: one stream of `frames` frames; the scores of its first and last `window` frames side by side."""
-    rng = np.random.default_rng([seed, 0x10C])
-    identity = random_identity(rng)
-    samples = babble(int(rng.integers(0, 2**31)), frames * SAMPLES_PER_FRAME / SAMPLE_RATE)
-    stream_seed = int(rng.integers(0, 2**31))
-    video, fps = generate(bundle, user_picture(identity, rng), samples, frames, stream_seed)
-    blinks = blink_schedule(stream_seed, frames)
+    run = run_stream(bundle, np.random.default_rng([seed, 0x10C]), frames)
+    blinks = run.blinks
     window = min(window, frames // 2)
     spans = {"first": (WARM_UP_FRAMES, window), "last": (frames - window, frames)}
-    return {"frames": frames, "frames_per_s": fps, **{
-        name: score_clip(video[a:b], samples[a * SAMPLES_PER_FRAME:b * SAMPLES_PER_FRAME], identity, blinks[a:b])
-        for name, (a, b) in spans.items()}}
+    return {"frames": frames, "frames_per_s": run.frames_per_s, **{
+        name: score_clip(run.video[a:b], run.samples[a * SAMPLES_PER_FRAME:b * SAMPLES_PER_FRAME], run.identity,
+                         blinks[a:b]) for name, (a, b) in spans.items()}}
 
 
 COLUMNS = (("lipsync_corr", "lip-sync r", "{:.2f}"), ("lag_frames", "lag (frames)", "{:+.0f}"),

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..names import SCHEDULES
 from .plan import parse_policy
-from .report import write_outputs
+from .report import write_outputs, write_report
 from .run import evaluate_source
 from .sources import ModelSource, WorldSource
 
@@ -115,7 +115,6 @@ def load_source(args: argparse.Namespace):
 
 def cmd_eval_avatar(args: argparse.Namespace) -> int:
     """The avatar model's table: lip sync, lag, identity, eyes, jitter; drift over --long-frames."""
-    import json
     import time
 
     import torch
@@ -137,13 +136,10 @@ def cmd_eval_avatar(args: argparse.Namespace) -> int:
     if args.long_frames:
         doc["long"] = evaluate_long(bundle, args.long_frames, seed=args.seed)
     doc["settings"]["seconds"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    md = report_markdown(doc)
-    (args.out / "eval.json").write_text(json.dumps(doc, indent=2, default=float))
-    (args.out / "eval.md").write_text(md)
+    json_path, md_path, md = write_report(doc, report_markdown(doc), args.out, "eval")
     if not args.quiet:
         print(md)
-    print(f"wrote {args.out / 'eval.json'} and {args.out / 'eval.md'} ({doc['settings']['seconds']:.0f} s)")
+    print(f"wrote {json_path} and {md_path} ({doc['settings']['seconds']:.0f} s)")
     return 0
 
 

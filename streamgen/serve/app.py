@@ -7,9 +7,10 @@ take the server down (unexpected exceptions become a 500 for that request only).
 from __future__ import annotations
 
 import logging
+from typing import TypeVar
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..backends import Backend
 from ..engine.prompts import describe_prompt, prompt_vocabulary
@@ -101,6 +102,19 @@ async def get_session(request: web.Request) -> web.Response:
     return web.json_response({**view, "prompt_detail": describe_prompt(encoder, view["prompt"]) or None})
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+async def _body(request: web.Request, model: type[M]) -> M | web.Response:
+    """A session route's small JSON body as `model`, or the 400 (not JSON) / 422 (wrong fields) to answer."""
+    try:
+        return model.model_validate(load_json(await request.read(), "body", MAX_BODY_BYTES))
+    except InputError as exc:
+        return error(400, str(exc))
+    except ValidationError as exc:
+        return error(422, describe(exc, model))
+
+
 async def post_recording(request: web.Request) -> web.Response:
     """Start or stop recording what the session's viewer is sent (see `recording.py`)."""
     session = request.app[MANAGER].get(request.match_info["sid"])
@@ -109,12 +123,9 @@ async def post_recording(request: web.Request) -> web.Response:
     folder = request.app[CONFIG].recordings_dir
     if folder is None:
         return error(409, "recording is off on this server: start it with --recordings-dir DIR")
-    try:
-        body = RecordingRequest.model_validate(load_json(await request.read(), "body", MAX_BODY_BYTES))
-    except InputError as exc:
-        return error(400, str(exc))
-    except ValidationError as exc:
-        return error(422, describe(exc, RecordingRequest))
+    body = await _body(request, RecordingRequest)
+    if isinstance(body, web.Response):
+        return body
     if body.action == "start":
         try:
             recording = session.start_recording(folder)
@@ -130,12 +141,9 @@ async def post_publish(request: web.Request) -> web.Response:
     session = request.app[MANAGER].get(request.match_info["sid"])
     if session is None:
         return error(404, f"no session {request.match_info['sid']!r}")
-    try:
-        body = PublishRequest.model_validate(load_json(await request.read(), "body", MAX_BODY_BYTES))
-    except InputError as exc:
-        return error(400, str(exc))
-    except ValidationError as exc:
-        return error(422, describe(exc, PublishRequest))
+    body = await _body(request, PublishRequest)
+    if isinstance(body, web.Response):
+        return body
     if body.action == "stop":
         if (publication := session.stop_publishing()) is None:
             return error(409, f"session {session.id} is not publishing")

@@ -14,6 +14,7 @@ an audio-driven stream on the backend, and what the session holds of its audio.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from ..bundles.bundle import ModelBundle
 
 AUDIO_CAPACITY_S = 30.0
+RECENT_FRAMES = 64  # the frames `stats` summarises
 
 
 class PlaybackListener(Protocol):
@@ -57,8 +59,7 @@ class SessionAvatar:
         self.listener: PlaybackListener | None = None
         self.microphone: dict[str, int] | None = None  # a viewer's microphone: frames in, refused, skipped, overflow
         self.played = 0  # pushed-audio position shown so far
-        self._latency: deque[float] = deque(maxlen=64)
-        self.latency_log: deque[float] = deque(maxlen=100_000)  # every frame's A/V latency (s), for `bench avatar`
+        self.latency_log: deque[float] = deque(maxlen=100_000)  # every frame's A/V latency (s): stats, `bench avatar`
         self._lock = threading.Lock()  # a clear and the delivery of a chunk exclude each other
 
     # --- sources (event loop) ----------------------------------------------------------------------
@@ -104,8 +105,7 @@ class SessionAvatar:
         if frame.sound is None:
             return
         if frame.sound.heard is not None:
-            self._latency.append(time.monotonic() - frame.sound.heard)
-            self.latency_log.append(self._latency[-1])
+            self.latency_log.append(time.monotonic() - frame.sound.heard)
         if frame.sound.end > self.played:
             self.played = frame.sound.end
             if self.listener is not None:
@@ -121,7 +121,7 @@ class SessionAvatar:
         """The buffer's counters (seconds), `av_latency_ms`: the median over the last 64 frames sent that carried
         real audio (audio pushed ahead of real time counts its wait), and `av_latency_min_ms`, their least: the
         pipeline's own delay, what audio that arrives just in time waits (both None before any)."""
-        ms = sorted(self._latency)
+        ms = sorted(itertools.islice(reversed(self.latency_log), RECENT_FRAMES))
         return {**self.audio.describe(), "source": self.source, "played_s": round(self.played / self.audio.sample_rate, 3),
                 "av_latency_ms": round(1000 * float(np.median(ms)), 1) if ms else None,
                 "av_latency_min_ms": round(1000 * ms[0], 1) if ms else None}

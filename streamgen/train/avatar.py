@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..avatar_world import AvatarClip, sample_clip
+from ..avatar_world import AvatarClip, blink_schedule, make_clip, sample_clip
 from ..avatar_world.face import EYE_COLS, EYE_ROWS, MAX_OPENING, MOUTH_COLS, MOUTH_TOP
 from ..bundles.embedded import frames_to_latents, parameter_count
 from ..bundles.embedded_avatar import AVATAR_STREAM, AvatarModel, WorldAudioDrive, bundle_from_model, save_weights
@@ -60,8 +60,7 @@ class AvatarTrainer(Trainer):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg, AVATAR_STREAM)
         self.pixel_weight = feature_weights()
-        chunk_ids = [0] + [1 + c for c in range(WINDOW_CHUNKS) for _ in range(CHUNK)]
-        self.frame_ids = chunk_ids  # [0, 1, 1, 1, 2, 2, 2]
+        self.frame_ids = [0] + [1 + c for c in range(WINDOW_CHUNKS) for _ in range(CHUNK)]  # [0, 1, 1, 1, 2, 2, 2]
 
     def build_model(self) -> AvatarModel:
         return AvatarModel(DrivenDiTConfig.from_dict(self.cfg.model))
@@ -142,6 +141,4 @@ class AvatarTrainer(Trainer):
 
 def _with_stream_blinks(clip: AvatarClip, seed: int) -> AvatarClip:
     """The clip re-rendered with the blink schedule a stream of this seed uses from frame 0."""
-    from ..avatar_world import blink_schedule, make_clip
-
     return make_clip(clip.identity, clip.samples, blink_schedule(seed, len(clip.blinks)))

@@ -12,6 +12,7 @@ vs silence, identity (colour and head shape), eyes following the blink schedule,
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,20 +52,41 @@ def generate(bundle, picture: np.ndarray, samples: np.ndarray, frames: int, seed
     return np.concatenate(out)[:frames], frames / elapsed
 
 
+@dataclass
+class StreamRun:
+    """One evaluated stream: who (identity), what drove it (samples, the stream's seed and so its blinks), what came out."""
+
+    identity: Identity
+    samples: np.ndarray
+    seed: int
+    video: np.ndarray
+    frames_per_s: float
+
+    @property
+    def blinks(self) -> np.ndarray:
+        return blink_schedule(self.seed, len(self.video))
+
+
+def run_stream(bundle, rng: np.random.Generator, frames: int, samples: np.ndarray | None = None) -> StreamRun:
+    """A random identity given as a user picture, `samples` (default: babble drawn from `rng`), a drawn stream seed."""
+    identity = random_identity(rng)
+    if samples is None:
+        samples = babble(int(rng.integers(0, 2**31)), frames * SAMPLES_PER_FRAME / SAMPLE_RATE)
+    seed = int(rng.integers(0, 2**31))
+    video, fps = generate(bundle, user_picture(identity, rng), samples, frames, seed)
+    return StreamRun(identity, samples, seed, video, fps)
+
+
 def evaluate_avatar(bundle, clips: int = 8, frames: int = 96, seed: int = 0,
                     audio: list[np.ndarray] | None = None) -> dict[str, Any]:
     """Score `clips` streams of `frames` frames (audio: babble per clip, or the given 16 kHz clips, cycled)."""
     runs = []
     for i in range(clips):
-        rng = np.random.default_rng([seed, i, 0xE7])
-        identity = random_identity(rng)
-        samples = (babble(int(rng.integers(0, 2**31)), frames * SAMPLES_PER_FRAME / SAMPLE_RATE) if audio is None
-                   else np.asarray(audio[i % len(audio)], np.float32))
-        stream_seed = int(rng.integers(0, 2**31))
-        video, fps = generate(bundle, user_picture(identity, rng), samples, frames, stream_seed)
-        scores = score_clip(video, samples, identity, blink_schedule(stream_seed, frames), skip=WARM_UP_FRAMES)
-        runs.append({"identity": {"colour": list(identity.colour), "shape": identity.shape}, "seed": stream_seed,
-                     "frames_per_s": fps, **scores})
+        given = None if audio is None else np.asarray(audio[i % len(audio)], np.float32)
+        run = run_stream(bundle, np.random.default_rng([seed, i, 0xE7]), frames, given)
+        scores = score_clip(run.video, run.samples, run.identity, run.blinks, skip=WARM_UP_FRAMES)
+        runs.append({"identity": {"colour": list(run.identity.colour), "shape": run.identity.shape}, "seed": run.seed,
+                     "frames_per_s": run.frames_per_s, **scores})
     return {"summary": summarise(runs), "runs": runs}
 
 
